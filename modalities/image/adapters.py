@@ -1,0 +1,121 @@
+"""Image dataset adapters: raw sources -> Samples, and Sample bytes -> pixels.
+
+A Sample is `{"__key__", "image.png" | "image.jpg": bytes, "cls": b"3"}`.
+Sources: a folder of jpg/png (flat, or one sub-folder per class for labels),
+or a built-in source shipped inside a package:
+  digits          scikit-learn's 1,797 handwritten digits (8x8, labelled)
+  sklearn-photos  scikit-learn's two sample photos
+  skimage-photos  scikit-image's bundled photos
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from polymae.shared.errors import BadInput
+
+IMAGE_SUFFIXES = {".jpg": "image.jpg", ".jpeg": "image.jpg", ".png": "image.png"}
+BUILTIN_SOURCES = {
+    "digits": "scikit-learn's 1,797 labelled handwritten digits (8x8 grey)",
+    "sklearn-photos": "scikit-learn's two sample photos (china, flower)",
+    "skimage-photos": "scikit-image's bundled photos (astronaut, coffee, chelsea, ...)",
+}
+SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
+                  "moon", "page", "text", "coins", "horse", "brick", "grass", "gravel", "colorwheel", "retina",
+                  "clock", "cell", "microaneurysms", "logo", "motorcycle_left")
+MODES = {1: "L", 3: "RGB"}
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> torch.Tensor:
+    """Image bytes -> uint8 tensor [channels, H, W]; BadInput names `source` and the problem."""
+    if channels not in MODES:
+        raise BadInput(source, f"cannot produce {channels} channels; images decode to 1 (grey) or 3 (RGB)",
+                       "wrong_channels")
+    if not data:
+        raise BadInput(source, "image file is empty (0 bytes)", "empty_image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width == 0 or image.height == 0:
+                raise BadInput(source, f"image has zero size {image.width}x{image.height}", "empty_image")
+            image = image.convert(MODES[channels])
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadInput(source, f"cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from None
+    if min(image.height, image.width) < min_side:
+        raise BadInput(source, f"image {image.width}x{image.height} is smaller than one {min_side}px patch",
+                       "too_small")
+    array = np.asarray(image)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def read_folder(root: Path) -> Iterator[dict]:
+    """A flat folder of images, or class sub-folders (labels by sorted folder name)."""
+    if not root.is_dir():
+        raise BadInput(str(root), "is not a folder of images (nor a built-in source: "
+                       f"{', '.join(BUILTIN_SOURCES)})", "missing_source")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInput(str(root), f"holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files", "missing_source")
+    for path in files:
+        sample = {"__key__": str(path.relative_to(root).with_suffix("")).replace("/", "_").replace(".", "_"),
+                  "__source__": str(path), IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes()}
+        if classes and path.parent != root:
+            sample["cls"] = str(classes.index(path.relative_to(root).parts[0])).encode()
+        yield sample
+
+
+def read_digits() -> Iterator[dict]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    for i, (image, label) in enumerate(zip(pixels, digits.target)):
+        yield {"__key__": f"digit{i:05d}", "image.png": encode_png(image), "cls": str(int(label)).encode()}
+
+
+def read_sklearn_photos() -> Iterator[dict]:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    for name, image in zip(photos.filenames, photos.images):
+        yield {"__key__": Path(name).stem, "image.png": encode_png(image)}
+
+
+def read_skimage_photos() -> Iterator[dict]:
+    import skimage.data
+
+    for name in SKIMAGE_PHOTOS:
+        try:  # some photos are fetched on demand by scikit-image; only the bundled ones are used
+            image = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001  (not bundled in this scikit-image: skip it)
+            continue
+        if image.dtype != np.uint8:
+            image = np.clip(image * (255.0 / max(float(image.max()), 1e-9)), 0, 255).astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 4:
+            image = image[..., :3]
+        yield {"__key__": name, "image.png": encode_png(image)}
+
+
+BUILTIN_READERS = {"digits": read_digits, "sklearn-photos": read_sklearn_photos,
+                   "skimage-photos": read_skimage_photos}
+
+
+def read_source(source: str) -> Iterator[dict]:
+    if source in BUILTIN_READERS:
+        return BUILTIN_READERS[source]()
+    return read_folder(Path(source))

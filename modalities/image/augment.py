@@ -1,0 +1,56 @@
+"""The image augmentations MAE uses, written in torch (torchvision does not
+import beside this CPU torch): random resized crop and horizontal flip."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering `scale` of the area with aspect in `ratio`
+    (ten tries, then the largest centred crop within `ratio`, as torchvision does)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * uniform(generator, *scale)
+        aspect = math.exp(uniform(generator, *log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 or float [C, H, W] -> float [C, *size], bilinear with antialiasing."""
+    image = image.float()
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def random_resized_crop(image: Tensor, size: tuple[int, int], scale: tuple[float, float],
+                        ratio: tuple[float, float], generator: torch.Generator) -> Tensor:
+    top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, ratio, generator)
+    return resize(image[..., top:top + h, left:left + w], size)
+
+
+def random_hflip(image: Tensor, generator: torch.Generator) -> Tensor:
+    return image.flip(-1) if float(torch.rand((), generator=generator)) < 0.5 else image

@@ -1,0 +1,126 @@
+"""The image modality: decode -> augment -> patchify, and a picture of reconstructions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polymae.shared.errors import BadInput, ConfigError
+from polymae.shared.modality import Modality
+from polymae.shared.objectives import normalise_per_token
+from polymae.shared.registry import MODALITIES
+from polymae.shared.tokens import Mask, Tokens
+
+from . import adapters
+from .augment import random_hflip, random_resized_crop, resize
+from .tokenizer import patchify, unpatchify
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageOptions:
+    image_size: tuple[int, int] = (224, 224)     # (height, width) fed to the model
+    patch_size: int = 16
+    channels: int = 3                            # 1 (grey) or 3 (RGB)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range (MAE: 0.2-1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None        # None: ImageNet's for RGB, 0.5 for grey
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(s) for s in self.image_size)
+        if any(s % self.patch_size for s in self.image_size):
+            raise ConfigError(f"modality_options.image_size {self.image_size} must be a multiple of "
+                              f"patch_size {self.patch_size}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"modality_options.channels must be 1 or 3, got {self.channels}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"modality_options.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else ((0.5,), (0.5,))
+        self.mean = tuple(self.mean or default_mean)
+        self.std = tuple(self.std or default_std)
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"modality_options.mean/std need {self.channels} values")
+
+
+@MODALITIES.register("image")
+class ImageModality(Modality):
+    name = "image"
+    payload_keys = ("image.jpg", "image.png", "jpg", "png", "jpeg")
+    Options = ImageOptions
+    default_masker = "random"
+
+    def sources(self):
+        return dict(adapters.BUILTIN_SOURCES)
+
+    def read_source(self, source, **kwargs):
+        return adapters.read_source(source)
+
+    def decode(self, sample):
+        key, data = self.payload(sample)
+        return adapters.decode_image(data, f"{sample.get('__key__', '?')}.{key}", self.options.channels,
+                                     min_side=1)
+
+    # -- tokenizer --------------------------------------------------------
+    def pixels(self, image: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
+        """uint8 [C, H, W] -> normalised float [C, *image_size], augmented when training."""
+        o = self.options
+        if min(image.shape[-2:]) < o.patch_size:
+            raise BadInput("image", f"{image.shape[-1]}x{image.shape[-2]} is smaller than one "
+                           f"{o.patch_size}px patch", "too_small")
+        if train:
+            image = random_resized_crop(image, o.image_size, o.crop_scale, o.crop_ratio, generator)
+            if o.hflip:
+                image = random_hflip(image, generator)
+        else:
+            image = resize(image, o.image_size)
+        mean = torch.tensor(o.mean).view(-1, 1, 1) * 255
+        std = torch.tensor(o.std).view(-1, 1, 1) * 255
+        return (image - mean) / std
+
+    def tokenize(self, payload, generator, train=True):
+        return patchify(self.pixels(payload, generator, train), self.options.patch_size)
+
+    def untokenize(self, tokens):
+        """Tokens -> uint8 image(s) [(B,) C, H, W] in pixel space."""
+        image = unpatchify(tokens.values, tokens.grid, self.options.patch_size)
+        mean = torch.tensor(self.options.mean).view(-1, 1, 1)
+        std = torch.tensor(self.options.std).view(-1, 1, 1)
+        return ((image * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+    @property
+    def d_in(self):
+        return self.options.patch_size ** 2 * self.options.channels
+
+    @property
+    def num_coords(self):
+        return 2
+
+    @property
+    def grid(self):
+        p = self.options.patch_size
+        return (self.options.image_size[0] // p, self.options.image_size[1] // p)
+
+    # -- pictures ---------------------------------------------------------------
+    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8, norm_pix: bool = True):
+        """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted back)."""
+        values, hidden = tokens.values[:rows].float(), mask.hidden[:rows].unsqueeze(-1)
+        pred = pred[:rows].float()
+        if norm_pix:  # predictions live in per-patch normalised space: undo it with the true patch statistics
+            mean = values.mean(-1, keepdim=True)
+            std = (values.var(-1, keepdim=True) + 1e-6).sqrt()
+            pred = pred * std + mean
+        grey = torch.zeros_like(values)
+        panels = [values, torch.where(hidden, grey, values), torch.where(hidden, pred, values)]
+        images = [self.untokenize(Tokens(p, tokens.coords[:rows], grid=tokens.grid)) for p in panels]
+        grid = torch.cat([torch.cat(list(img), dim=-1) for img in zip(*images)], dim=-2)  # rows x 3
+        array = grid.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        scale = max(1, 96 // self.options.image_size[0])
+        return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)

@@ -1,0 +1,42 @@
+"""Patchify and its exact inverse, in MAE's (and Hugging Face's) token layout.
+
+An image [C, H, W] with patch size p becomes h*w tokens of p*p*C values
+ordered (row, col) over the grid and (dy, dx, channel) inside a patch;
+coords are (x, y) = (col, row).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polymae.shared.tokens import Tokens
+
+
+def grid_coords(h: int, w: int) -> Tensor:
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([cols.flatten(), rows.flatten()], dim=-1).float()
+
+
+def patchify(image: Tensor, patch: int) -> Tokens:
+    """[C, H, W] (or [B, C, H, W]) -> Tokens with values [(B,) h*w, p*p*C]."""
+    *lead, c, height, width = image.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image {height}x{width} is not a multiple of patch size {patch}")
+    h, w = height // patch, width // patch
+    x = image.reshape(*lead, c, h, patch, w, patch)
+    x = x.movedim(-5, -1)                      # (..., h, p, w, p, c)
+    x = x.transpose(-4, -3)                    # (..., h, w, p, p, c)
+    values = x.reshape(*lead, h * w, patch * patch * c)
+    coords = grid_coords(h, w).expand(*lead, h * w, 2)
+    return Tokens(values=values, coords=coords, grid=(h, w))
+
+
+def unpatchify(values: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
+    """[(B,) h*w, p*p*C] -> [(B,) C, H, W], the exact inverse of `patchify`."""
+    h, w = grid
+    *lead, n, d = values.shape
+    c = d // (patch * patch)
+    x = values.reshape(*lead, h, w, patch, patch, c)
+    x = x.transpose(-4, -3)                    # (..., h, p, w, p, c)
+    x = x.movedim(-1, -5)                      # (..., c, h, p, w, p)
+    return x.reshape(*lead, c, h * patch, w * patch)

@@ -1,0 +1,1 @@
+"""The streaming WebDataset pipeline and the runnable pipelines (pretrain, probe, reconstruct, shard)."""

@@ -1,0 +1,18 @@
+"""The one error type for bad input.
+
+Adapters, decoders and the shard reader raise `BadInput(source, problem, kind)`:
+`source` names the file or record, `problem` says what is wrong, `kind` is
+a short category ("corrupt_image", "missing_payload", ...) under which a
+training run counts it when it skips the record.
+"""
+from __future__ import annotations
+
+
+class BadInput(ValueError):
+    def __init__(self, source: str, problem: str, kind: str = "bad_record"):
+        self.source, self.problem, self.kind = source, problem, kind
+        super().__init__(f"{source}: {problem}")
+
+
+class ConfigError(ValueError):
+    """A config key or value that the schema does not allow; the CLI prints it as one line."""

@@ -1,0 +1,149 @@
+"""Generic maskers: random (MAE), block-wise (BEiT) and ColorMAE's filtered noise.
+
+A masker is called on one sample's Tokens with a `torch.Generator` and returns
+a `Mask` hiding exactly `hidden_count(N, ratio)` tokens. Each masker only has
+to score tokens (higher = hide first); `Mask.from_scores` does the rest, so
+every masker shares the exact-count guarantee and the `ids_restore` idiom.
+Maskers run in the data workers; they are plain functions of (tokens, rng).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .registry import MASKERS
+from .tokens import Mask, Tokens, hidden_count
+
+
+class Masker:
+    """Base class: subclasses implement `scores(tokens, generator) -> [N]`."""
+
+    def __init__(self, ratio: float = 0.75):
+        hidden_count(2, ratio)  # validates the ratio once, at construction
+        self.ratio = ratio
+
+    def scores(self, tokens: Tokens, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, tokens: Tokens, generator: torch.Generator) -> Mask:
+        return Mask.from_scores(self.scores(tokens, generator), hidden_count(tokens.num_tokens, self.ratio))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ratio={self.ratio})"
+
+
+def grid_2d(tokens: Tokens, masker: str) -> tuple[int, int]:
+    if tokens.grid is None or len(tokens.grid) != 2:
+        raise ValueError(f"the {masker} masker needs tokens on a 2D grid, got grid={tokens.grid}")
+    return tokens.grid
+
+
+@MASKERS.register("random")
+class RandomMasker(Masker):
+    """MAE: hide a uniformly random subset."""
+
+    def scores(self, tokens, generator):
+        return torch.rand(tokens.num_tokens, generator=generator)
+
+
+@MASKERS.register("block")
+class BlockMasker(Masker):
+    """BEiT block-wise masking: add random rectangles (area >= min_block tokens,
+    aspect ratio in [1/max_aspect, max_aspect]) until the ratio is reached;
+    the exact count then comes from ranking block tokens first, at random
+    within and outside the blocks."""
+
+    def __init__(self, ratio: float = 0.4, min_block: int = 4, max_aspect: float = 3.0, max_attempts: int = 100):
+        super().__init__(ratio)
+        self.min_block, self.log_aspect, self.max_attempts = min_block, math.log(max_aspect), max_attempts
+
+    def scores(self, tokens, generator):
+        h, w = grid_2d(tokens, "block")
+        target = hidden_count(h * w, self.ratio)
+        in_block = torch.zeros(h, w, dtype=torch.bool)
+        for _ in range(self.max_attempts):
+            missing = target - int(in_block.sum())
+            if missing <= 0:
+                break
+            u = torch.rand(3, generator=generator).tolist()
+            area = self.min_block + u[0] * max(missing - self.min_block, 0)
+            aspect = math.exp((2 * u[1] - 1) * self.log_aspect)
+            bh = min(h, max(1, round(math.sqrt(area * aspect))))
+            bw = min(w, max(1, round(math.sqrt(area / aspect))))
+            top = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
+            in_block[top:top + bh, left:left + bw] = True
+        return in_block.flatten().float() + torch.rand(h * w, generator=generator)
+
+
+# ColorMAE ------------------------------------------------------------------
+# Binary masks made by filtering white noise. Filters act on the radial
+# frequency f (cycles per token, 0 .. ~0.7); a Gaussian G(f; s) = exp(-f^2 / 2s^2).
+LOW, HIGH = 0.06, 0.22  # the two corner frequencies (cycles per token)
+
+
+def _gaussian(f: Tensor, s: float) -> Tensor:
+    return torch.exp(-0.5 * (f / s) ** 2)
+
+
+COLOUR_FILTERS = {
+    "red": lambda f: _gaussian(f, LOW),                                # low-pass: blobs
+    "blue": lambda f: 1 - _gaussian(f, HIGH),                          # high-pass: fine grain
+    "green": lambda f: _gaussian(f, HIGH) - _gaussian(f, LOW),         # band-pass: mid-size clusters
+    "purple": lambda f: 1 - (_gaussian(f, HIGH) - _gaussian(f, LOW)),  # band-stop: blobs + grain
+}
+
+
+def colour_noise_bank(colour: str, count: int = 8, size: int = 128, seed: int = 0) -> Tensor:
+    """`count` square patterns of `size`^2 coloured noise, each zero-mean unit-variance."""
+    if colour not in COLOUR_FILTERS:
+        raise ValueError(f"unknown noise colour {colour!r}; one of {sorted(COLOUR_FILTERS)}")
+    white = torch.randn(count, size, size, generator=torch.Generator().manual_seed(seed))
+    fy = torch.fft.fftfreq(size).view(-1, 1)
+    fx = torch.fft.rfftfreq(size).view(1, -1)
+    response = COLOUR_FILTERS[colour](torch.sqrt(fx ** 2 + fy ** 2))
+    noise = torch.fft.irfft2(torch.fft.rfft2(white) * response, s=(size, size))
+    noise = noise - noise.mean(dim=(1, 2), keepdim=True)
+    return noise / noise.std(dim=(1, 2), keepdim=True)
+
+
+class ColourNoiseMasker(Masker):
+    """ColorMAE: hide the tokens where a crop of precomputed coloured noise is highest.
+
+    The bank is filtered once at construction; each sample takes a random
+    pattern, a random crop of the token-grid size and random flips, so a
+    colour mask costs a crop and a sort, as random masking costs a sort.
+    """
+
+    colour = ""
+
+    def __init__(self, ratio: float = 0.75, bank_count: int = 8, bank_size: int = 128, seed: int = 0):
+        super().__init__(ratio)
+        self.bank = colour_noise_bank(self.colour, bank_count, bank_size, seed)
+
+    def scores(self, tokens, generator):
+        h, w = grid_2d(tokens, f"{self.colour} noise")
+        count, size, _ = self.bank.shape
+        if h > size or w > size:
+            raise ValueError(f"token grid {h}x{w} is larger than the {size}^2 noise bank; raise bank_size")
+        i, top, left, flips = (int(torch.randint(0, hi, (1,), generator=generator))
+                               for hi in (count, size - h + 1, size - w + 1, 4))
+        crop = self.bank[i, top:top + h, left:left + w]
+        if flips & 1:
+            crop = crop.flip(0)
+        if flips & 2:
+            crop = crop.flip(1)
+        return crop.reshape(-1)
+
+
+for _colour in COLOUR_FILTERS:
+    MASKERS.register(_colour, type(f"{_colour.title()}NoiseMasker", (ColourNoiseMasker,), {"colour": _colour}))
+
+
+def build_masker(name: str, ratio: float, **options) -> Masker:
+    try:
+        return MASKERS.get(name)(ratio=ratio, **options)
+    except TypeError as err:
+        raise ValueError(f"masker {name!r}: {err}") from None

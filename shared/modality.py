@@ -1,0 +1,95 @@
+"""What a modality plugs in: the `Modality` base class.
+
+A modality turns a Sample (a dict from a shard: `__key__`, payload bytes by
+extension, `cls`) into Tokens and back, names its default masker and
+objective, and builds the model's input adapter. Its `sources` are the
+dataset adapters `polymae shard` can read. Subclasses live in
+`polymae.modalities.<name>` and register under their name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+
+from .errors import BadInput, ConfigError
+from .model import MaskedAutoencoder, ModelConfig
+from .tokens import Mask, Tokens
+
+
+def options_from_dict(cls: type, values: dict, where: str):
+    """Build dataclass `cls` from a dict; unknown keys or bad types are a ConfigError naming `where.key`."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown key '{where}.{key}'; allowed: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def label_of(sample: dict) -> int | None:
+    raw = sample.get("cls")
+    if raw is None:
+        return None
+    try:
+        return int(raw.decode() if isinstance(raw, bytes) else raw)
+    except ValueError:
+        raise BadInput(sample.get("__key__", "?"), f"label 'cls' is not an integer: {raw!r}", "bad_label") from None
+
+
+class Modality:
+    name: str = ""
+    payload_keys: tuple[str, ...] = ()   # sample keys holding this modality's payload, in order of preference
+    Options: type = object               # dataclass of tokenizer/augmentation options
+    default_masker: str = "random"
+    default_objective: dict = {"pixel": {"weight": 1.0, "norm_pix": True}}
+
+    def __init__(self, options: dict | None = None):
+        self.options = options_from_dict(self.Options, options or {}, "modality_options")
+
+    # -- adapters ---------------------------------------------------------
+    def sources(self) -> dict[str, str]:
+        """Built-in source names -> one-line description (for `polymae shard` and `info`)."""
+        return {}
+
+    def read_source(self, source: str, **kwargs) -> Iterator[dict]:
+        """Samples from a folder or a built-in source; bad files raise BadInput lazily."""
+        raise NotImplementedError
+
+    def payload(self, sample: dict) -> tuple[str, bytes]:
+        for key in self.payload_keys:
+            if key in sample:
+                return key, sample[key]
+        raise BadInput(sample.get("__key__", "?"), f"record has none of {self.payload_keys} "
+                       f"(it has {sorted(k for k in sample if not k.startswith('__'))})", "missing_payload")
+
+    def decode(self, sample: dict) -> Any:
+        raise NotImplementedError
+
+    # -- tokenizer --------------------------------------------------------
+    def tokenize(self, payload: Any, generator: torch.Generator, train: bool = True) -> Tokens:
+        raise NotImplementedError
+
+    def untokenize(self, tokens: Tokens) -> Any:
+        raise NotImplementedError
+
+    @property
+    def d_in(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_coords(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[int, ...] | None:
+        return None
+
+    # -- model --------------------------------------------------------------
+    def build_model(self, config: ModelConfig) -> MaskedAutoencoder:
+        return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.grid)
+
+    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
+        """A picture of rows of original | masked | reconstruction."""
+        raise NotImplementedError

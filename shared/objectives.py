@@ -1,0 +1,56 @@
+"""Loss terms. A recipe sums terms with weights: `objective: {pixel: {weight: 1.0, norm_pix: true}}`.
+
+A term is `fn(out, batch, **options) -> scalar`, where `out` is the model's
+output dict (`pred` [B, N, d_in], `latent`, ...) and `batch` the Batch.
+Reconstruction terms average over hidden tokens only (padding excluded).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .registry import OBJECTIVES
+from .tokens import Batch
+
+
+def hidden_weights(batch: Batch) -> Tensor:
+    """[B, N] float weights: 1 on hidden, real tokens, 0 elsewhere."""
+    weights = batch.mask.hidden.float()
+    if batch.tokens.valid is not None:
+        weights = weights * batch.tokens.valid.float()
+    return weights
+
+
+def normalise_per_token(target: Tensor, eps: float = 1e-6) -> Tensor:
+    """MAE's norm_pix target: each token's values to zero mean, unit variance."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True, unbiased=True)
+    return (target - mean) / (var + eps).sqrt()
+
+
+def reconstruction_target(batch: Batch, norm_pix: bool) -> Tensor:
+    target = batch.tokens.values.float()
+    return normalise_per_token(target) if norm_pix else target
+
+
+@OBJECTIVES.register("pixel")
+def pixel_loss(out: dict, batch: Batch, norm_pix: bool = True) -> Tensor:
+    """Mean squared error on hidden tokens, optionally on per-token normalised targets."""
+    target = reconstruction_target(batch, norm_pix)
+    per_token = (out["pred"].float() - target).pow(2).mean(dim=-1)
+    weights = hidden_weights(batch)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def total_loss(terms: dict[str, dict], out: dict, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    """Weighted sum of the configured terms, and each term's value for logging."""
+    total, parts = None, {}
+    for name, options in terms.items():
+        options = dict(options)
+        weight = float(options.pop("weight", 1.0))
+        value = OBJECTIVES.get(name)(out, batch, **options)
+        parts[name] = value.detach()
+        total = weight * value if total is None else total + weight * value
+    if total is None:
+        raise ValueError("the objective has no terms; add one, e.g. objective.pixel.weight=1.0")
+    return total, parts

@@ -1,0 +1,73 @@
+"""Position encodings read token `coords` [..., k] and return [..., width].
+
+`SinCosPosition` is MAE's fixed encoding generalised to any k: the width is
+split into k equal parts and part j encodes coordinate j with sines and
+cosines of geometrically spaced frequencies. Image coords are (x, y), which
+puts the column first as MAE and Hugging Face ViTMAE do. It reads real-valued
+coords, so it serves pixel grids, tubelets, voxel cubes and time stamps alike.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sincos_1d(positions: Tensor, width: int) -> Tensor:
+    """[...] -> [..., width]: half sines, half cosines (MAE ordering)."""
+    if width % 2:
+        raise ValueError(f"sin-cos width must be even, got {width}")
+    omega = torch.arange(width // 2, dtype=torch.float64, device=positions.device) / (width / 2.0)
+    omega = 1.0 / 10000 ** omega
+    angles = positions.to(torch.float64).unsqueeze(-1) * omega
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).float()
+
+
+class SinCosPosition(nn.Module):
+    def __init__(self, width: int, num_coords: int):
+        super().__init__()
+        if width % (2 * num_coords):
+            raise ValueError(f"width {width} must divide into {num_coords} even parts for a {num_coords}D sin-cos encoding")
+        self.width, self.num_coords = width, num_coords
+
+    def forward(self, coords: Tensor) -> Tensor:
+        part = self.width // self.num_coords
+        return torch.cat([sincos_1d(coords[..., j], part) for j in range(self.num_coords)], dim=-1)
+
+
+class LearnedPosition(nn.Module):
+    """A learned table over a fixed grid; coords are integer grid indices."""
+
+    def __init__(self, width: int, grid: tuple[int, ...]):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.table = nn.Parameter(torch.zeros(int(torch.tensor(self.grid).prod()), width))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        strides = torch.tensor([int(torch.tensor(self.grid[j + 1:]).prod()) for j in range(len(self.grid))])
+        self.register_buffer("strides", strides, persistent=False)
+
+    def forward(self, coords: Tensor) -> Tensor:
+        index = (coords.round().long() * self.strides).sum(-1)
+        return self.table[index]
+
+
+class MLPPosition(nn.Module):
+    """A two-layer MLP on continuous coordinates (Point-MAE's centre encoding)."""
+
+    def __init__(self, width: int, num_coords: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_coords, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, coords: Tensor) -> Tensor:
+        return self.net(coords)
+
+
+def build_position(kind: str, width: int, num_coords: int, grid: tuple[int, ...] | None = None) -> nn.Module:
+    if kind == "sincos":
+        return SinCosPosition(width, num_coords)
+    if kind == "learned":
+        if grid is None:
+            raise ValueError("a learned position table needs a fixed token grid")
+        return LearnedPosition(width, grid)
+    if kind == "mlp":
+        return MLPPosition(width, num_coords)
+    raise ValueError(f"unknown position encoding {kind!r}; one of sincos, learned, mlp")

@@ -1,0 +1,136 @@
+"""The data model: Tokens, Mask and Batch.
+
+MASK CONVENTION (stated once, used everywhere): in `Mask.hidden`, True means
+hidden (masked, to be predicted) and False means visible.
+
+A masker hides exactly `round(ratio * N)` tokens of every sample, so a batch
+gathers densely. Every mask also carries the MAE argsort idiom:
+`ids_shuffle` orders tokens visible-first, `ids_keep` / `ids_hidden` are its
+two halves and `ids_restore` is its inverse permutation, so
+`torch.gather(shuffled, 1, ids_restore)` puts tokens back in their place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Tokens:
+    """What a tokenizer makes of one sample (or, stacked, of a batch).
+
+    values: float [N, d_in]  the reconstruction target lives in this space
+    coords: float [N, k]     what the position encoding reads (grid index, time, xyz, ...)
+    valid:  bool  [N] or None, False on padding tokens
+    grid:   token-grid shape (e.g. (h, w)) when the tokens tile a grid, else None;
+            structured maskers (block, colour) and `untokenize` read it.
+    """
+
+    values: Tensor
+    coords: Tensor
+    valid: Tensor | None = None
+    grid: tuple[int, ...] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.values.shape[-2]
+
+
+@dataclass
+class Mask:
+    hidden: Tensor       # bool [N] (or [B, N] stacked); True = hidden
+    ids_shuffle: Tensor  # long [N]: visible tokens first, then hidden ones
+    ids_restore: Tensor  # long [N]: inverse of ids_shuffle
+    num_visible: int
+
+    @property
+    def ids_keep(self) -> Tensor:
+        return self.ids_shuffle[..., : self.num_visible]
+
+    @property
+    def ids_hidden(self) -> Tensor:
+        return self.ids_shuffle[..., self.num_visible:]
+
+    @classmethod
+    def from_scores(cls, scores: Tensor, num_hidden: int) -> "Mask":
+        """Hide the `num_hidden` tokens with the highest score (per row).
+
+        Every masker reduces to this: random masking scores with uniform noise,
+        block and colour masking with structured scores. A stable sort keeps
+        the choice deterministic under ties.
+        """
+        n = scores.shape[-1]
+        if not 0 <= num_hidden <= n:
+            raise ValueError(f"cannot hide {num_hidden} of {n} tokens")
+        ids_shuffle = torch.argsort(scores, dim=-1, stable=True)  # ascending: visible first
+        ids_restore = torch.argsort(ids_shuffle, dim=-1)
+        hidden = ids_restore >= (n - num_hidden)
+        return cls(hidden=hidden, ids_shuffle=ids_shuffle, ids_restore=ids_restore, num_visible=n - num_hidden)
+
+
+def hidden_count(num_tokens: int, ratio: float) -> int:
+    """The exact number of tokens every masker hides: round(ratio * N), at least one visible."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    return min(int(round(ratio * num_tokens)), num_tokens - 1)
+
+
+@dataclass
+class Batch:
+    """Stacked Tokens + Mask, labels when the data has them, and bookkeeping.
+
+    `skipped` counts records the data worker skipped since its previous batch,
+    by kind; the trainer sums them so nothing is dropped without a count.
+    `extras` carries per-modality tensors (e.g. a second view).
+    """
+
+    tokens: Tokens
+    mask: Mask
+    labels: Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.tokens.values.shape[0]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        def move(obj):
+            if isinstance(obj, Tensor):
+                return obj.to(device, non_blocking=True)
+            if isinstance(obj, (Tokens, Mask)):
+                return replace(obj, **{f.name: move(getattr(obj, f.name)) for f in fields(obj)})
+            if isinstance(obj, dict):
+                return {k: move(v) for k, v in obj.items()}
+            return obj
+
+        return replace(self, tokens=move(self.tokens), mask=move(self.mask), labels=move(self.labels),
+                       extras=move(self.extras))
+
+
+def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] | None = None) -> Batch:
+    """Stack per-sample (tokens, mask, label, key) into a dense Batch.
+
+    Every sample must have the same token count and the same number of
+    visible tokens (maskers guarantee the latter); a mismatch names the keys.
+    """
+    tokens = [t for t, _, _, _ in items]
+    masks = [m for _, m, _, _ in items]
+    keys = [k for _, _, _, k in items]
+    shapes = {tuple(t.values.shape) for t in tokens}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot batch tokens of shapes {sorted(shapes)} (keys {keys[:4]}...): "
+                         "resize or pad to one token count")
+    if len({m.num_visible for m in masks}) != 1:
+        raise ValueError(f"masks in one batch hide different token counts (keys {keys[:4]}...)")
+    valid = None if tokens[0].valid is None else torch.stack([t.valid for t in tokens])
+    stacked = Tokens(values=torch.stack([t.values for t in tokens]), coords=torch.stack([t.coords for t in tokens]),
+                     valid=valid, grid=tokens[0].grid)
+    mask = Mask(hidden=torch.stack([m.hidden for m in masks]), ids_shuffle=torch.stack([m.ids_shuffle for m in masks]),
+                ids_restore=torch.stack([m.ids_restore for m in masks]), num_visible=masks[0].num_visible)
+    labels = [lab for _, _, lab, _ in items]
+    label_tensor = None if any(lab is None for lab in labels) else torch.as_tensor(labels)
+    return Batch(tokens=stacked, mask=mask, labels=label_tensor, keys=keys, skipped=dict(skipped or {}))
