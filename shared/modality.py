@@ -8,24 +8,15 @@ dataset adapters `polymae shard` can read. Subclasses live in
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator
 
 import torch
 from PIL import Image
 
-from .errors import BadInput, ConfigError
+from .config import build
+from .errors import BadInput
 from .model import MaskedAutoencoder, ModelConfig
 from .tokens import Mask, Tokens
-
-
-def options_from_dict(cls: type, values: dict, where: str):
-    """Build dataclass `cls` from a dict; unknown keys or bad types are a ConfigError naming `where.key`."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown key '{where}.{key}'; allowed: {', '.join(sorted(known))}")
-    return cls(**values)
 
 
 def label_of(sample: dict) -> int | None:
@@ -46,7 +37,7 @@ class Modality:
     default_objective: dict = {"pixel": {"weight": 1.0, "norm_pix": True}}
 
     def __init__(self, options: dict | None = None):
-        self.options = options_from_dict(self.Options, options or {}, "modality_options")
+        self.options = build(self.Options, options or {}, "modality_options")
 
     # -- adapters ---------------------------------------------------------
     def sources(self) -> dict[str, str]:
@@ -91,5 +82,5 @@ class Modality:
         return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.grid)
 
     def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
-        """A picture of rows of original | masked | reconstruction."""
+        """A picture of rows of original | masked | reconstruction; `pred` is in token-value space."""
         raise NotImplementedError

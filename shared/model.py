@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .position import build_position
 from .registry import MODEL_SIZES
 from .tokens import Mask
@@ -40,6 +41,12 @@ class ModelConfig:
     cls_token: bool = True
     layer_norm_eps: float = 1e-6
     pool: str = "mean"              # features for probing: mean of tokens or cls
+
+    def __post_init__(self):
+        if self.size not in MODEL_SIZES:
+            raise ConfigError(f"model.size must be one of {', '.join(MODEL_SIZES.names())}; got {self.size!r}")
+        if self.pool not in ("mean", "cls"):
+            raise ConfigError(f"model.pool must be mean or cls; got {self.pool!r}")
 
     def resolved(self) -> "ModelConfig":
         base = MODEL_SIZES.get(self.size)
@@ -112,6 +119,7 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         self.config = cfg = config.resolved()
         self.d_in = d_in
+        self.grid = tuple(grid) if grid is not None else None
         self.input_adapter = input_adapter or InputAdapter(d_in, cfg.width, num_coords, cfg.position, grid)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.cls_token else None
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps)
@@ -157,6 +165,11 @@ class MaskedAutoencoder(nn.Module):
 
     def decode(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
         """Visible encodings + mask tokens at hidden places -> predictions [B, N, d_in]."""
+        return self.head(self.decode_features(latent, mask, coords, valid))
+
+    def decode_features(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The decoder's normalised output per token [B, N, decoder_width], before `head`
+        (extra heads, e.g. a point modality's occupancy head, read it too)."""
         x = self.decoder_embed(latent)
         prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
         b, n = mask.ids_restore.shape
@@ -166,7 +179,7 @@ class MaskedAutoencoder(nn.Module):
         attn_mask = key_padding_mask(valid, self.cls_token is not None)
         for block in self.decoder_blocks:
             x = block(x, attn_mask)
-        return self.head(self.decoder_norm(x))[:, self.num_prefix:]
+        return self.decoder_norm(x)[:, self.num_prefix:]
 
     def forward(self, values: Tensor, coords: Tensor, mask: Mask, valid: Tensor | None = None) -> dict[str, Tensor]:
         ids_keep = mask.ids_keep

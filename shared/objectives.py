@@ -28,6 +28,15 @@ def normalise_per_token(target: Tensor, eps: float = 1e-6) -> Tensor:
     return (target - mean) / (var + eps).sqrt()
 
 
+def to_value_space(pred: Tensor, values: Tensor, norm_pix: bool) -> Tensor:
+    """Map predictions back to token-value space (for pictures): undo norm_pix with the true token statistics."""
+    if not norm_pix:
+        return pred
+    mean = values.mean(dim=-1, keepdim=True)
+    var = values.var(dim=-1, keepdim=True, unbiased=True)
+    return pred * (var + 1e-6).sqrt() + mean
+
+
 def reconstruction_target(batch: Batch, norm_pix: bool) -> Tensor:
     target = batch.tokens.values.float()
     return normalise_per_token(target) if norm_pix else target

@@ -27,12 +27,16 @@ class Tokens:
     valid:  bool  [N] or None, False on padding tokens
     grid:   token-grid shape (e.g. (h, w)) when the tokens tile a grid, else None;
             structured maskers (block, colour) and `untokenize` read it.
+    foreground: bool [N] or None, True on tokens that hold content (an occupied
+            voxel patch, an object's pixels), set by tokenizers that know it;
+            content-aware maskers (voxel-aware masking) read it.
     """
 
     values: Tensor
     coords: Tensor
     valid: Tensor | None = None
     grid: tuple[int, ...] | None = None
+    foreground: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -127,8 +131,9 @@ def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] 
     if len({m.num_visible for m in masks}) != 1:
         raise ValueError(f"masks in one batch hide different token counts (keys {keys[:4]}...)")
     valid = None if tokens[0].valid is None else torch.stack([t.valid for t in tokens])
+    foreground = None if any(t.foreground is None for t in tokens) else torch.stack([t.foreground for t in tokens])
     stacked = Tokens(values=torch.stack([t.values for t in tokens]), coords=torch.stack([t.coords for t in tokens]),
-                     valid=valid, grid=tokens[0].grid)
+                     valid=valid, grid=tokens[0].grid, foreground=foreground)
     mask = Mask(hidden=torch.stack([m.hidden for m in masks]), ids_shuffle=torch.stack([m.ids_shuffle for m in masks]),
                 ids_restore=torch.stack([m.ids_restore for m in masks]), num_visible=masks[0].num_visible)
     labels = [lab for _, _, lab, _ in items]

@@ -29,6 +29,7 @@ SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "immunoh
                   "moon", "page", "text", "coins", "horse", "brick", "grass", "gravel", "colorwheel", "retina",
                   "clock", "cell", "microaneurysms", "logo", "motorcycle_left")
 MODES = {1: "L", 3: "RGB"}
+WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # 16-bit grey (PNG), scaled to 8 bits on decode
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -49,6 +50,9 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
             image.load()
             if image.width == 0 or image.height == 0:
                 raise BadInput(source, f"image has zero size {image.width}x{image.height}", "empty_image")
+            if image.mode in WIDE_GREY_MODES:  # 16-bit grey PNG: PIL's convert would clip it to 255 (white)
+                image = Image.fromarray(np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+                                        .astype(np.uint8))
             image = image.convert(MODES[channels])
     except BadInput:
         raise
@@ -57,7 +61,7 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
     if min(image.height, image.width) < min_side:
         raise BadInput(source, f"image {image.width}x{image.height} is smaller than one {min_side}px patch",
                        "too_small")
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy: np.asarray of a PIL image is read-only
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
 

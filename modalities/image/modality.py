@@ -9,7 +9,6 @@ from PIL import Image
 
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
-from polymae.shared.objectives import normalise_per_token
 from polymae.shared.registry import MODALITIES
 from polymae.shared.tokens import Mask, Tokens
 
@@ -65,7 +64,7 @@ class ImageModality(Modality):
     def decode(self, sample):
         key, data = self.payload(sample)
         return adapters.decode_image(data, f"{sample.get('__key__', '?')}.{key}", self.options.channels,
-                                     min_side=1)
+                                     min_side=self.options.patch_size)
 
     # -- tokenizer --------------------------------------------------------
     def pixels(self, image: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
@@ -108,14 +107,10 @@ class ImageModality(Modality):
         return (self.options.image_size[0] // p, self.options.image_size[1] // p)
 
     # -- pictures ---------------------------------------------------------------
-    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8, norm_pix: bool = True):
+    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8):
         """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted back)."""
         values, hidden = tokens.values[:rows].float(), mask.hidden[:rows].unsqueeze(-1)
         pred = pred[:rows].float()
-        if norm_pix:  # predictions live in per-patch normalised space: undo it with the true patch statistics
-            mean = values.mean(-1, keepdim=True)
-            std = (values.var(-1, keepdim=True) + 1e-6).sqrt()
-            pred = pred * std + mean
         grey = torch.zeros_like(values)
         panels = [values, torch.where(hidden, grey, values), torch.where(hidden, pred, values)]
         images = [self.untokenize(Tokens(p, tokens.coords[:rows], grid=tokens.grid)) for p in panels]

@@ -1,0 +1,1 @@
+"""Shipped YAML recipes, one folder per modality, named after the paper recipe they reproduce."""

@@ -1,0 +1,136 @@
+"""The `polymae` command line: pretrain, shard, probe, reconstruct, info.
+
+Errors the user can fix (a misspelled config key, a bad value, a missing file,
+unreadable input) are one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polymae.shared.errors import BadInput, ConfigError
+
+USER_ERRORS = (ConfigError, BadInput, FileNotFoundError, KeyError)
+
+
+def cmd_pretrain(args) -> None:
+    from polymae.shared.config import load_config
+
+    from .pretrain import pretrain
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:  # no config file, only overrides
+        config_path, overrides = None, [config_path, *overrides]
+    pretrain(load_config(config_path, overrides), resume=args.resume)
+
+
+def cmd_shard(args) -> None:
+    from polymae.shared.config import merge, parse_override
+    from polymae.shared.registry import MODALITIES
+
+    import polymae.modalities  # noqa: F401  (registers the modalities)
+    from .shards import shard_source
+
+    options = {}
+    for text in args.option:
+        options = merge(options, parse_override(text))
+    modality = MODALITIES.get(args.modality)(options)
+    manifests = shard_source(modality, args.source, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                             max_count=args.max_count, max_bytes=int(args.max_mb * 2 ** 20))
+    for split, manifest in manifests.items():
+        print(f"{split}: {manifest['total']} records in {len(manifest['shards'])} shards, "
+              f"{len(manifest['rejected'])} rejected")
+        for rejected in manifest["rejected"]:
+            print(f"  rejected {rejected.get('source') or rejected['key']}: {rejected['reason']}")
+
+
+def cmd_probe(args) -> None:
+    from .probe import format_probe, probe
+    from .runs import load_run, split_shards
+
+    parts, checkpoint = load_run(args.run)
+    train, val = split_shards(parts.config, parts.modality)
+    if val is None:
+        raise ConfigError("probing needs a labelled held-out split: set data.val_shards or data.val_fraction")
+    print(f"probing {checkpoint}")
+    print(format_probe(probe(parts, train, val)))
+
+
+def cmd_reconstruct(args) -> None:
+    from .reconstruct import reconstruct
+
+    reconstruct(args.run, args.out, rows=args.rows, seed=args.seed)
+
+
+def cmd_info(args) -> None:
+    import polymae.modalities as modalities
+    from polymae.shared.config import shipped_configs
+    from polymae.shared.registry import MASKERS, MODALITIES, MODEL_SIZES, OBJECTIVES
+
+    print("modalities: " + ", ".join(MODALITIES.names()))
+    for name, why in modalities.UNAVAILABLE.items():
+        print(f"  {name}: unavailable ({why})")
+    for name in MODALITIES.names():
+        sources = MODALITIES.get(name)().sources()
+        if sources:
+            print(f"  {name} built-in sources: " + ", ".join(sources))
+    print("maskers:    " + ", ".join(MASKERS.names()))
+    print("objectives: " + ", ".join(OBJECTIVES.names()))
+    print("model sizes: " + ", ".join(f"{n} ({MODEL_SIZES.get(n)['width']}x{MODEL_SIZES.get(n)['depth']})"
+                                     for n in MODEL_SIZES.names()))
+    print("configs:    " + ", ".join(shipped_configs()))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="polymae", description="Masked-autoencoder pretraining for any modality.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an MAE from a YAML recipe (default: ViT MAE on digits)",
+                       description="Pretrain from CONFIG (a path or a shipped recipe name; default "
+                                   "image/mae_vit_digits.yaml) with dotted.key=value overrides.")
+    p.add_argument("config", nargs="?", help="YAML recipe, or a shipped name such as image/mae_vit_digits.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. trainer.max_steps=100")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("shard", help="write a source as WebDataset tar shards with a manifest")
+    p.add_argument("modality", help="e.g. image")
+    p.add_argument("source", help="a folder (flat, or class sub-folders) or a built-in source (see `polymae info`)")
+    p.add_argument("out", help="output folder for {train,val}-NNNNNN.tar and their manifests")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share held out as val (by key hash)")
+    p.add_argument("--max-count", type=int, default=10_000, help="records per shard at most")
+    p.add_argument("--max-mb", type=float, default=64.0, help="MiB per shard at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a modality option used to check records (e.g. channels=1)")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("probe", help="kNN and linear-probe accuracy of a run's frozen encoder")
+    p.add_argument("run", metavar="RUN_OR_CKPT")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("reconstruct", help="draw original | masked | reconstruction for held-out samples")
+    p.add_argument("run", metavar="RUN_OR_CKPT")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("info", help="registered modalities, maskers, objectives and shipped configs")
+    p.set_defaults(func=cmd_info)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"polymae {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

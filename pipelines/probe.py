@@ -1,0 +1,88 @@
+"""Linear-probe and kNN accuracy of frozen features on a labelled split.
+
+Three feature sets are compared, so a number means something: the raw token
+values (pixels), the encoder at its random initialisation (the same seed the
+pretraining started from), and the pretrained encoder. Features come from
+the encoder on all tokens, unaugmented, pooled per `model.pool`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from polymae.shared.masking import build_masker
+from polymae.shared.trainer import pick_device
+
+from .runs import RunParts, build_parts
+from .stream import ShardStream, make_loader
+
+
+@torch.no_grad()
+def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, max_samples: int,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) for a labelled split; `model=None` gives the raw token values."""
+    data = parts.config.data
+    stream = ShardStream(shards, parts.modality, build_masker("random", 0.0), batch_size=data.batch_size,
+                         train=False, seed=data.seed)
+    features, labels = [], []
+    if model is not None:
+        model.eval().to(device)
+    for batch in make_loader(stream, data.num_workers):
+        if len(batch) == 0:
+            continue
+        if batch.labels is None:
+            raise ValueError(f"probing needs labelled shards; {shards[0]} has records without a 'cls' label")
+        tokens = batch.tokens
+        if model is None:
+            features.append(tokens.values.flatten(1).float())
+        else:
+            features.append(model.features(tokens.values.to(device), tokens.coords.to(device),
+                                           None if tokens.valid is None else tokens.valid.to(device)).float().cpu())
+        labels.append(batch.labels)
+        if sum(len(f) for f in features) >= max_samples:
+            break
+    return torch.cat(features)[:max_samples].numpy(), torch.cat(labels)[:max_samples].numpy()
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+    scaler = StandardScaler().fit(train_x)
+    classifier = LogisticRegression(max_iter=2000, C=1.0)
+    classifier.fit(scaler.transform(train_x), train_y)
+    return float((classifier.predict(scaler.transform(test_x)) == test_y).mean())
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int, temperature: float) -> float:
+    """Cosine-similarity kNN with exp(sim / T) weighted votes (as DINO evaluates)."""
+    train = F.normalize(torch.from_numpy(train_x).float(), dim=1)
+    test = F.normalize(torch.from_numpy(test_x).float(), dim=1)
+    train_labels = torch.from_numpy(train_y).long()
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    sims, index = (test @ train.T).topk(min(k, len(train)), dim=1)
+    votes = torch.zeros(len(test), classes).scatter_add_(1, train_labels[index], (sims / temperature).exp())
+    return float((votes.argmax(1).numpy() == test_y).mean())
+
+
+def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> dict[str, dict[str, float]]:
+    """{'raw': {...}, 'random_init': {...}, 'pretrained': {...}} of linear and kNN accuracy."""
+    cfg = parts.config.probe
+    device = pick_device(parts.config.trainer.device)
+    random_init = build_parts(parts.config).model
+    results = {}
+    for name, model in (("raw", None), ("random_init", random_init), ("pretrained", parts.model)):
+        train_x, train_y = extract(parts, train_shards, model, cfg.max_samples, device)
+        val_x, val_y = extract(parts, val_shards, model, cfg.max_samples, device)
+        results[name] = {"linear": linear_probe_accuracy(train_x, train_y, val_x, val_y),
+                         "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature),
+                         "train_samples": len(train_y), "val_samples": len(val_y)}
+    return results
+
+
+def format_probe(results: dict) -> str:
+    lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {results['raw']['train_samples']}, "
+             f"held-out {results['raw']['val_samples']})"]
+    for name, row in results.items():
+        lines.append(f"{name:<14}{row['linear']:>9.3f}{row['knn']:>9.3f}")
+    return "\n".join(lines)

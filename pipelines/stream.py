@@ -1,0 +1,326 @@
+"""Reading shards as a training stream.
+
+    shard list -> split by node -> split by DataLoader worker -> per-epoch shard shuffle
+    -> tar records -> shuffle buffer -> decode -> tokenize -> mask -> dense Batch
+
+Masking runs here, in the data workers, so the accelerator never waits on it.
+
+Determinism. The shard order is shuffled by an rng seeded with (seed, epoch)
+only, so every rank agrees on it before taking its slice. The shuffle buffer
+is seeded with (seed, epoch, rank, worker). Each sample's augmentation and
+mask come from a torch.Generator seeded with (seed, epoch, key): they are a
+function of the sample and the epoch, not of which worker happened to read
+it. With `resampled=True` (an infinite stream, shards drawn with
+replacement) the draw number joins that seed, so a sample drawn twice is
+augmented and masked differently each time.
+
+Bad records never crash a run. A BadInput from decoding, tokenizing or
+labelling a record (Modality.payload raises kind "missing_payload" for a
+record without the modality's file), a shard that cannot be opened
+("missing_shard"), or a tar that is truncated or corrupt ("bad_shard":
+the records before the damage are still delivered) is skipped and counted
+by kind. The counts since a worker's previous batch travel in the next
+batch's `Batch.skipped`. At the end of a worker's stream the last (partial)
+batch carries the remaining counts; a worker that has counts but no samples
+left yields a skip report: an empty Batch (`len(batch) == 0`) whose only
+content is `skipped`. Consumers sum `batch.skipped` for every batch and
+skip empty ones for compute (the trainer, probe and reconstruct do).
+
+In the non-resampled mode every worker yields its final partial batch, so
+one epoch delivers every readable sample exactly once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import tarfile
+import time
+import zlib
+from collections import Counter
+from typing import Generator, Iterator, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+from webdataset.tariterators import base_plus_ext
+
+from polymae.shared.errors import BadInput
+from polymae.shared.masking import Masker
+from polymae.shared.modality import Modality, label_of
+from polymae.shared.tokens import Batch, Mask, Tokens, collate
+
+from .shards import stable_hash
+
+log = logging.getLogger(__name__)
+
+MISSING_SHARD, BAD_SHARD, DECODE_ERROR = "missing_shard", "bad_shard", "decode_error"
+
+
+# -- reading one shard ------------------------------------------------------------------------------
+
+
+class DamagedTar(Exception):
+    """A tar that ends inside a header or holds a corrupt one."""
+
+
+class StrictTarInfo(tarfile.TarInfo):
+    """Streaming tarfile treats a header cut short, or a garbage header after the
+    first, as a quiet end of the archive, so a shard truncated at a member
+    boundary would lose its tail without a word. A complete tar ends with a
+    zero block; anything else ending the stream is damage, raised here."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) < tarfile.BLOCKSIZE:
+            raise DamagedTar(f"ends before a complete member header ({len(buf)} of {tarfile.BLOCKSIZE} "
+                             "bytes): the file is truncated or empty")
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.InvalidHeaderError as error:
+            raise DamagedTar(f"corrupt member header ({error})") from None
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """The records of one shard: dicts of `__key__`, `__url__` and one entry per
+    file extension, as WebDataset groups them. Damage raises BadInput after the
+    records before it have been yielded (kind "missing_shard" or "bad_shard")."""
+    try:
+        stream = gopen(url, "rb")
+    except OSError as error:
+        raise BadInput(url, f"cannot open shard ({error})", MISSING_SHARD) from None
+    finished = False
+    try:
+        sample = None
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=StrictTarInfo)
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, suffix = base_plus_ext(member.name)
+            data = tar.extractfile(member).read()
+            tar.members = []  # streaming mode would otherwise keep every header of the shard
+            if key is None or key.rsplit("/", 1)[-1].startswith("__"):
+                continue  # a file that is not part of a record (no extension, or metadata)
+            suffix = suffix.lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if suffix in sample:
+                raise DamagedTar(f"record {key!r} holds two '{suffix}' files")
+            sample[suffix] = data
+        if sample is not None:
+            yield sample
+        finished = True
+    except (tarfile.TarError, DamagedTar, EOFError, OSError, zlib.error) as error:
+        raise BadInput(url, f"unreadable tar ({type(error).__name__}: {error})", BAD_SHARD) from None
+    finally:
+        try:
+            stream.close()  # a `pipe:` stream reports its command's failure here
+        except Exception as error:  # noqa: BLE001
+            if finished:
+                raise BadInput(url, f"shard stream failed ({error})", BAD_SHARD) from None
+
+
+# -- where this process sits --------------------------------------------------------------------------
+
+
+class StreamPosition(NamedTuple):
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+
+
+def stream_position() -> StreamPosition:
+    """(rank, world size) from torch.distributed when it is initialised, else (0, 1);
+    (worker, workers) from the DataLoader worker, else (0, 1)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return StreamPosition(rank, world_size, worker, num_workers)
+
+
+# -- batches --------------------------------------------------------------------------------------------
+
+
+def skip_report(skipped: dict[str, int]) -> Batch:
+    """An empty Batch carrying only skip counts: a worker's last word when it has
+    counts to deliver and no samples left to put them on."""
+    empty = torch.empty(0, 0, 0)
+    no_ids = torch.empty(0, 0, dtype=torch.long)
+    mask = Mask(hidden=torch.empty(0, 0, dtype=torch.bool), ids_shuffle=no_ids, ids_restore=no_ids, num_visible=0)
+    return Batch(tokens=Tokens(values=empty, coords=empty), mask=mask, skipped=dict(skipped))
+
+
+def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer: once `buffer_size` samples are held, each new one
+    replaces a random held one, which is yielded; the rest drain at the end."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    """Batches of masked tokens streamed from WebDataset shards (see the module docstring).
+
+    shards: paths or URLs, as `resolve_shards` gives them.
+    train: augment, shuffle shards and use the shuffle buffer; False reads in
+        order without augmentation (evaluation, probing, pictures).
+    resampled: an infinite stream drawing shards with replacement; a shard
+        that fails to read is counted once and not drawn again.
+    `stage_seconds` accumulates decode/tokenize/mask/collate time in the
+    process that iterates (with `num_workers=0`, the caller's).
+    """
+
+    def __init__(self, shards: list[str], modality: Modality, masker: Masker, batch_size: int, train: bool = True,
+                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0):
+        super().__init__()
+        if not shards:
+            raise ValueError("ShardStream needs at least one shard")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.shards = [str(shard) for shard in shards]
+        self.modality, self.masker, self.batch_size = modality, masker, batch_size
+        self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
+        self.resampled, self.epoch = resampled, epoch
+        self.stage_seconds: Counter = Counter()
+        self.logged_kinds: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order, buffer order and per-sample randomness.
+        Takes effect for the next DataLoader (workers are not persistent)."""
+        self.epoch = epoch
+
+    # -- records ---------------------------------------------------------------
+    def assigned_shards(self, position: StreamPosition) -> list[str]:
+        """This rank's slice of the epoch's shard order, then this worker's slice of that."""
+        order = list(self.shards)
+        if self.train:
+            random.Random(stable_hash("shards", self.seed, self.epoch)).shuffle(order)
+        for_rank = order[position.rank::position.world_size]
+        if not for_rank:
+            raise ValueError(f"{len(self.shards)} shards cannot feed {position.world_size} ranks: write more, "
+                             "smaller shards (max_count) or use resampled=True")
+        return for_rank[position.worker::position.num_workers]
+
+    def shard_records(self, url: str, skipped: Counter, draw: int | None = None) -> Generator[dict, None, bool]:
+        """One shard's records (marked with the resampled `draw` number); returns
+        False, after counting, when the shard is missing or damaged."""
+        try:
+            for sample in read_shard(url):
+                if draw is not None:
+                    sample["__draw__"] = draw
+                yield sample
+            return True
+        except BadInput as error:
+            self.count_skip(error, skipped)
+            return False
+
+    def records(self, position: StreamPosition, skipped: Counter) -> Iterator[dict]:
+        if not self.resampled:
+            for url in self.assigned_shards(position):
+                yield from self.shard_records(url, skipped)
+            return
+        rng = random.Random(stable_hash("resample", self.seed, self.epoch, *position))
+        readable = list(self.shards)
+        for draw in itertools.count():
+            url = rng.choice(readable)
+            if not (yield from self.shard_records(url, skipped, draw)):
+                readable.remove(url)  # counted once; drawing it again would only count it again
+                if not readable:
+                    raise ValueError(f"none of the {len(self.shards)} shards can be read ({dict(skipped)}); "
+                                     f"first: {self.shards[0]}")
+
+    # -- samples ---------------------------------------------------------------
+    def sample_generator(self, sample: dict) -> torch.Generator:
+        """Randomness that depends on the sample, the epoch and (resampled) the draw, never the worker."""
+        parts = (self.seed, self.epoch, sample["__key__"]) + ((sample["__draw__"],) if "__draw__" in sample else ())
+        return torch.Generator().manual_seed(stable_hash(*parts))
+
+    def count_skip(self, error: BadInput, skipped: Counter) -> None:
+        skipped[error.kind] += 1
+        if error.kind not in self.logged_kinds:
+            self.logged_kinds.add(error.kind)
+            log.warning("skipping %s; further '%s' records are counted in Batch.skipped, not logged", error,
+                        error.kind)
+
+    def decode(self, sample: dict):
+        """`modality.decode`, with a decoding library's own exception on odd bytes (PIL can raise
+        more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
+        try:
+            return self.modality.decode(sample)
+        except BadInput:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise BadInput(f"{sample.get('__url__', '?')}:{sample['__key__']}",
+                           f"decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
+
+    def prepare(self, sample: dict, skipped: Counter) -> tuple | None:
+        """(tokens, mask, label, key) for `collate`, or None when the record is bad (counted)."""
+        key = sample["__key__"]
+        generator = self.sample_generator(sample)
+        try:
+            label = label_of(sample)
+            start = time.perf_counter()
+            payload = self.decode(sample)
+            decoded = time.perf_counter()
+            tokens = self.modality.tokenize(payload, generator, self.train)
+            tokenized = time.perf_counter()
+            mask = self.masker(tokens, generator)
+        except BadInput as error:
+            self.count_skip(error, skipped)
+            return None
+        masked = time.perf_counter()
+        self.stage_seconds.update(decode=decoded - start, tokenize=tokenized - decoded, mask=masked - tokenized)
+        return tokens, mask, label, key
+
+    def make_batch(self, items: list[tuple], skipped: Counter) -> Batch:
+        start = time.perf_counter()
+        batch = collate(items, skipped)
+        self.stage_seconds["collate"] += time.perf_counter() - start
+        skipped.clear()
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        position = stream_position()
+        skipped: Counter = Counter()  # since the previous batch; records() and prepare() add to it
+        samples = self.records(position, skipped)
+        if self.train and self.shuffle_buffer > 1:
+            rng = random.Random(stable_hash("buffer", self.seed, self.epoch, position.rank, position.worker))
+            samples = shuffled(samples, self.shuffle_buffer, rng)
+        items = []
+        for sample in samples:
+            item = self.prepare(sample, skipped)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self.make_batch(items, skipped)
+                items = []
+        if items:
+            yield self.make_batch(items, skipped)
+        elif skipped:
+            yield skip_report(skipped)
+
+
+def single_threaded_worker(worker_id: int) -> None:
+    """Workers decode in parallel with each other; torch's own threads would oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+def make_loader(stream: ShardStream, num_workers: int, prefetch_factor: int = 4) -> DataLoader:
+    """A DataLoader over the stream's ready-made batches. Workers are not persistent,
+    so each epoch's loader sees the stream's current `set_epoch`."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      worker_init_fn=single_threaded_worker if num_workers > 0 else None,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)

@@ -1,0 +1,79 @@
+"""One checkpoint format: a folder per step, written whole or not at all.
+
+    <run>/checkpoints/step-000500/
+        model.safetensors   weights (safetensors: loadable without pickle)
+        state.pt            optimizer, scheduler, scaler, step, RNG states, data position
+        config.yaml         the run's config, so a checkpoint stands alone
+
+A checkpoint is written into a temporary folder and renamed into place, so a
+run killed mid-write leaves either the previous checkpoints or the new one,
+never a half-written folder under a final name. Only the last `keep_last`
+are kept.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_PREFIX = "step-"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+            and (p / "model.safetensors").is_file() and (p / "state.pt").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, config_text: str,
+                    keep_last: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(config_text)
+    for path in tmp.iterdir():  # the rename below publishes only what is on disk
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    model.load_state_dict(load_file(str(Path(checkpoint) / "model.safetensors")))
+
+
+def load_state(checkpoint: Path) -> dict:
+    return torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
+    return latest

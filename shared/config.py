@@ -1,0 +1,260 @@
+"""The one config schema: typed dataclasses, YAML files, dotted overrides.
+
+`load_config(path, ["trainer.max_steps=10", ...])` merges a YAML recipe and
+command-line overrides onto the defaults and checks every key and value
+against the dataclasses below. An unknown key or a bad value raises
+`ConfigError` with one line naming the key and what is allowed; the CLI turns
+it into exit code 2. The dataclass defaults are MAE's; a recipe names the
+rest. With no recipe, `polymae pretrain` runs the shipped default,
+configs/image/mae_vit_digits.yaml (installed as `polymae.configs`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                  # folder of {train,val}-*.tar (or train: glob, brace pattern, URLs)
+    val_shards: str | None = None     # labelled held-out shards for probing; None: `shards`' val split
+    source: str | None = None         # shard this (a folder or built-in source) into `shards` if it holds none
+    val_fraction: float = 0.0         # share of `source` held out as the labelled val split
+    batch_size: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    resampled: bool = False           # infinite stream, shards drawn with replacement
+    seed: int = 0
+
+
+@dataclass
+class MaskConfig:
+    name: str | None = None           # None: the modality's default masker
+    ratio: float = 0.75
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    max_minutes: float | None = None  # wall-clock budget for the training loop
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 40
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    accum_steps: int = 1
+    precision: str = "bf16"           # bf16 | fp32 (autocast, on CPU and CUDA)
+    clip_grad: float | None = 1.0
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    picture_every: int = 500
+    max_nonfinite: int = 5            # consecutive non-finite losses before the run stops
+    max_bad_fraction: float = 0.1     # skipped / seen records above this stops the run
+    device: str = "auto"              # auto | cpu | cuda
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"trainer.precision must be one of bf16, fp32; got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"trainer.device must be one of auto, cpu, cuda; got {self.device!r}")
+        for name in ("max_steps", "accum_steps", "ckpt_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True              # probe at the end of `polymae pretrain`
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    max_samples: int = 20000          # per split, to keep probing quick
+
+
+@dataclass
+class Config:
+    name: str = "mae"
+    modality: str = "image"
+    modality_options: dict = field(default_factory=dict)  # checked by the modality's own Options
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: dict = field(default_factory=dict)          # {} : the modality's default objective
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    out_dir: str = "runs"
+
+
+# -- building dataclasses from plain dicts, with one-line errors -------------
+
+def _check_value(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} is not a valid value")
+    if dataclasses.is_dataclass(kind):
+        if isinstance(value, kind):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return build(kind, value, where)
+    if origin is tuple or kind is tuple:
+        args = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list like [a, b], got {value!r}")
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        item_kinds = [args[0]] * len(value) if args and args[-1] is Ellipsis else (args or [Any] * len(value))
+        return tuple(_check_value(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, item_kinds)))
+    if kind is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, values: dict, where: str = ""):
+    """Dataclass `cls` from a dict: unknown keys and wrong types are one-line ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    prefix = f"{where}." if where else ""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}allowed: {', '.join(known)}")
+    checked = {key: _check_value(value, hints[key], f"{prefix}{key}") for key, value in values.items()}
+    defaults = cls()
+    merged = {}
+    for key, value in checked.items():
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = build(type(default), {**as_dict(default), **value}, f"{prefix}{key}")
+        merged[key] = value
+    try:
+        return cls(**merged)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def as_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'trainer.max_steps=10' -> {'trainer': {'max_steps': 10}} (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+DEFAULT_RECIPE = "image/mae_vit_digits.yaml"
+
+
+def shipped_configs() -> list[str]:
+    """Recipes shipped with polymae, as names relative to configs/."""
+    return sorted(str(p.relative_to(config_root())) for p in config_root().rglob("*.yaml"))
+
+
+def config_root() -> Path:
+    import polymae.configs  # configs/ installs as package data of polymae.configs
+
+    return Path(polymae.configs.__file__).parent
+
+
+def find_config(path: str | Path) -> Path:
+    """A config path, or the name of a shipped recipe such as image/colormae_vit_tiny.yaml."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = config_root() / path
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {path} does not exist (shipped recipes: {', '.join(shipped_configs())})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A recipe (the shipped default when `path` is None) plus dotted overrides, checked."""
+    path = find_config(path if path is not None else DEFAULT_RECIPE)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    for text in overrides:
+        values = merge(values, parse_override(text))
+    config = build(Config, values)
+    if not config.data.shards:
+        raise ConfigError("data.shards is required: a folder of shards (with data.source to create them), "
+                          "a glob, a brace pattern or URLs")
+    return config
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(as_dict(config), sort_keys=False)

@@ -1,0 +1,261 @@
+"""The shared MaskedAutoencoder on real image tokens: shapes, the encoder seeing
+visible tokens only, MAE's 2D sin-cos table, and key-padding masks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from polymae.modalities.image.tokenizer import grid_coords, patchify
+from polymae.shared.masking import build_masker
+from polymae.shared.model import MaskedAutoencoder, ModelConfig
+from polymae.shared.position import SinCosPosition, sincos_1d
+from polymae.shared.tokens import collate
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PATCH = 8
+SMALL = ModelConfig(width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two real 64x96 photo crops (astronaut, coffee) as 8x12 tokens of 8x8x3, random-masked at 0.75."""
+    images = [skimage_data.astronaut()[100:164, 150:246], skimage_data.coffee()[120:184, 200:296]]
+    items = []
+    for i, array in enumerate(images):
+        image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+        tokens = patchify(image, PATCH)
+        mask = build_masker("random", 0.75)(tokens, torch.Generator().manual_seed(i))
+        items.append((tokens, mask, None, f"img{i}"))
+    return collate(items)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MaskedAutoencoder(d_in=PATCH * PATCH * 3, num_coords=2, config=SMALL).eval()
+
+
+def run(model, values, coords, mask, valid=None):
+    with torch.no_grad():
+        return model(values, coords, mask, valid)
+
+
+def test_output_shapes(model, batch):
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    out = run(model, values, coords, mask)
+    b, n, d = values.shape
+    assert (b, n, d) == (2, 96, 192)
+    assert out["pred"].shape == (b, n, d)
+    assert mask.num_visible == 96 - 72
+    # the encoder got [cls] + the visible tokens only
+    assert out["latent"].shape == (b, 1 + mask.num_visible, SMALL.width)
+    assert torch.isfinite(out["pred"]).all()
+
+
+def test_no_cls_token(batch):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                  decoder_heads=2, cls_token=False)).eval()
+    out = run(model, batch.tokens.values, batch.tokens.coords, batch.mask)
+    assert out["latent"].shape == (2, batch.mask.num_visible, 32)
+    assert out["pred"].shape == (2, 96, 192)
+
+
+def test_encoder_never_sees_hidden_tokens(model, batch):
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    base = run(model, values, coords, mask)
+
+    hidden_i = int(mask.ids_hidden[0, 0])
+    changed = values.clone()
+    changed[0, hidden_i] = torch.rand(values.shape[-1], generator=torch.Generator().manual_seed(1)) * 10 - 5
+    changed[1, mask.ids_hidden[1]] = 0.0  # wipe every hidden token of the second sample
+    out = run(model, changed, coords, mask)
+    assert torch.equal(out["latent"], base["latent"])
+    # the decoder only knows hidden places through mask tokens and positions, so predictions don't change either
+    assert torch.equal(out["pred"], base["pred"])
+
+    visible_i = int(mask.ids_keep[0, 3])
+    changed = values.clone()
+    changed[0, visible_i] += 0.5
+    out = run(model, changed, coords, mask)
+    assert not torch.allclose(out["latent"][0], base["latent"][0])
+    assert torch.equal(out["latent"][1], base["latent"][1])  # samples don't mix
+    assert not torch.allclose(out["pred"][0], base["pred"][0])
+
+
+def test_visible_positions_matter(model, batch):
+    """The encoder reads the visible tokens' coords: moving one visible token changes the latent."""
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    base = run(model, values, coords, mask)
+    moved = coords.clone()
+    moved[0, int(mask.ids_keep[0, 0])] += torch.tensor([1.0, 0.0])
+    assert not torch.allclose(run(model, values, moved, mask)["latent"][0], base["latent"][0])
+
+
+def test_latent_is_the_encoding_of_the_visible_tokens(model, batch):
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    ids = mask.ids_keep
+    visible = torch.gather(values, 1, ids.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+    visible_coords = torch.gather(coords, 1, ids.unsqueeze(-1).expand(-1, -1, 2))
+    with torch.no_grad():
+        latent = model.encode(visible, visible_coords)
+    torch.testing.assert_close(run(model, values, coords, mask)["latent"], latent)
+
+
+# -- 2D sin-cos position encoding --------------------------------------------------------
+
+def mae_2d_sincos_reference(width: int, h: int, w: int) -> np.ndarray:
+    """MAE's fixed 2D table for an h x w grid, tokens in row-major order, written from its definition:
+    each coordinate gets width/2 channels, omega = 1 / 10000 ** (arange(width/4) / (width/4)),
+    sin(pos * omega) then cos(pos * omega); the x (column) part comes first, then the y (row) part."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+
+    def one(pos):
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([one(cols), one(rows)], axis=1)
+
+
+@pytest.mark.parametrize("width,h,w", [(192, 14, 14), (64, 8, 12), (32, 5, 3)])
+def test_sincos_2d_equals_mae_table(width, h, w):
+    table = SinCosPosition(width, 2)(grid_coords(h, w))
+    assert table.shape == (h * w, width) and table.dtype == torch.float32
+    np.testing.assert_allclose(table.numpy(), mae_2d_sincos_reference(width, h, w), atol=1e-6, rtol=0)
+    # spot values: the first channel is sin(x), the first y channel is sin(y)
+    i = 2 * w + 1  # row 2, col 1
+    assert table[i, 0] == pytest.approx(np.sin(1.0), abs=1e-6)
+    assert table[i, width // 4] == pytest.approx(np.cos(1.0), abs=1e-6)
+    assert table[i, width // 2] == pytest.approx(np.sin(2.0), abs=1e-6)
+
+
+def test_sincos_reads_batched_coords_and_checks_width():
+    coords = grid_coords(4, 6)
+    table = SinCosPosition(64, 2)(coords)
+    torch.testing.assert_close(SinCosPosition(64, 2)(torch.stack([coords, coords])), torch.stack([table, table]))
+    torch.testing.assert_close(sincos_1d(torch.arange(5.0), 8)[:, :4], torch.sin(torch.arange(5.0)[:, None]
+                               * (1 / 10000 ** (torch.arange(4) / 4.0))))
+    with pytest.raises(ValueError, match="even parts"):
+        SinCosPosition(30, 2)
+    with pytest.raises(ValueError, match="even"):
+        sincos_1d(torch.arange(3.0), 7)
+
+
+def test_model_adds_the_sincos_table_to_the_embedding(batch):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(192, 2, SMALL)
+    values, coords = batch.tokens.values[0], batch.tokens.coords[0]
+    with torch.no_grad():
+        got = model.input_adapter(values, coords)
+        expected = model.input_adapter.embed(values) + torch.from_numpy(mae_2d_sincos_reference(32, 8, 12)).float()
+    torch.testing.assert_close(got, expected)
+
+
+# -- key padding --------------------------------------------------------------------------
+
+def test_padding_tokens_do_not_influence_valid_tokens(model, batch):
+    values, coords = batch.tokens.values[:1], batch.tokens.coords[:1]
+    n_valid, n_pad = 60, 36
+    real_values, real_coords = values[:, :n_valid], coords[:, :n_valid]
+
+    def padded(fill):
+        g = torch.Generator().manual_seed(fill)
+        pad_values = torch.randn(1, n_pad, values.shape[-1], generator=g) * 3
+        pad_coords = torch.randint(0, 50, (1, n_pad, 2), generator=g).float()
+        return torch.cat([real_values, pad_values], 1), torch.cat([real_coords, pad_coords], 1)
+
+    valid = torch.cat([torch.ones(1, n_valid, dtype=torch.bool), torch.zeros(1, n_pad, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        alone = model.encode(real_values, real_coords)                    # no padding at all
+        v1, c1 = padded(1)
+        v2, c2 = padded(2)
+        with_pad_1 = model.encode(v1, c1, valid)
+        with_pad_2 = model.encode(v2, c2, valid)
+        unmasked = model.encode(v1, c1)                                   # padding left visible to attention
+    keep = slice(0, 1 + n_valid)  # cls + valid tokens
+    torch.testing.assert_close(with_pad_1[:, keep], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_pad_2[:, keep], with_pad_1[:, keep], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[:, keep], alone, atol=1e-3)  # the check is sensitive
+
+
+def test_padding_in_the_full_forward(model, batch):
+    """Through forward (encoder on visible tokens, decoder on all): padding content changes no valid output."""
+    values, coords = batch.tokens.values.clone(), batch.tokens.coords.clone()
+    valid = torch.ones(2, 96, dtype=torch.bool)
+    valid[1, 70:] = False  # the second sample has 70 real tokens, 26 padding slots (visible and hidden ones)
+    mask = batch.mask
+    assert bool((~valid[1])[mask.ids_keep[1]].any()) and bool((~valid[1])[mask.ids_hidden[1]].any())
+
+    base = run(model, values, coords, mask, valid)
+    values[1, 70:] = torch.randn(26, 192, generator=torch.Generator().manual_seed(3)) * 4
+    coords[1, 70:] = 99.0
+    out = run(model, values, coords, mask, valid)
+    visible_valid = torch.gather(valid, 1, mask.ids_keep)
+    latent_keep = torch.cat([torch.ones(2, 1, dtype=torch.bool), visible_valid], 1)
+    torch.testing.assert_close(out["latent"][latent_keep], base["latent"][latent_keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pred"][valid], base["pred"][valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pred"][0], base["pred"][0])  # the unpadded sample is untouched
+
+
+def test_features_pool_over_valid_tokens(model, batch):
+    values, coords = batch.tokens.values, batch.tokens.coords
+    feats = model.features(values, coords)
+    assert feats.shape == (2, SMALL.width)
+    valid = torch.ones(2, 96, dtype=torch.bool)
+    valid[1, 50:] = False
+    padded = values.clone()
+    padded[1, 50:] = 7.0
+    got = model.features(padded, coords, valid)
+    alone = model.features(values[1:, :50], coords[1:, :50])
+    torch.testing.assert_close(got[1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], feats[0])
+
+
+def test_gradients_reach_encoder_and_decoder(batch):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(192, 2, SMALL)
+    out = model(batch.tokens.values, batch.tokens.coords, batch.mask)
+    loss = (out["pred"] - batch.tokens.values).pow(2)[batch.mask.hidden].mean()
+    loss.backward()
+    for name in ("input_adapter.embed.weight", "blocks.0.attn.qkv.weight", "cls_token", "mask_token", "head.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_learned_position_on_a_square_grid(batch):
+    """A learned table gives every patch of a square grid its own row."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                  decoder_heads=2, position="learned"), grid=(8, 8)).eval()
+    square = patchify(batch.tokens.values.new_zeros(3, 64, 64), PATCH)  # an 8x8 grid
+    one = build_masker("random", 0.75)(square, torch.Generator().manual_seed(0))
+    mask = collate([(square, one, None, "a"), (square, one, None, "b")]).mask
+    out = run(model, batch.tokens.values[:, :64], grid_coords(8, 8).expand(2, 64, 2), mask)
+    assert out["pred"].shape == (2, 64, 192)
+    rows = model.input_adapter.position(grid_coords(8, 8))
+    assert torch.unique(rows, dim=0).shape[0] == 64
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "shared/position.py LearnedPosition: strides follow the grid's (h, w) order but image coords are (x=col, y=row), "
+    "so index = col*w + row runs past the h*w table on a non-square grid (8x12: max 139 >= 96)"))
+def test_learned_position_on_a_non_square_grid(batch):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                  decoder_heads=2, position="learned"), grid=(8, 12)).eval()
+    out = run(model, batch.tokens.values, batch.tokens.coords, batch.mask)
+    assert out["pred"].shape == (2, 96, 192)

@@ -1,0 +1,260 @@
+"""The WebDataset pipeline on real data: scikit-learn's 1,797 digits written as
+shards and read back through DataLoader workers, with corrupt JPEGs, records
+without a payload, truncated and missing shards planted among good ones."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from polymae.modalities.image import ImageModality
+from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
+from polymae.pipelines.stream import ShardStream, make_loader
+from polymae.shared.errors import BadInput
+from polymae.shared.masking import build_masker
+
+NUM_DIGITS = 1797
+MAX_COUNT = 400  # 1,797 digits -> shards of 400, 400, 400, 400 and 197 records
+
+
+@pytest.fixture(scope="module")
+def modality() -> ImageModality:
+    return ImageModality({"image_size": [8, 8], "patch_size": 2, "channels": 1, "crop_scale": [0.6, 1.0],
+                          "hflip": False})
+
+
+@pytest.fixture(scope="module")
+def masker():
+    return build_masker("random", 0.75)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, modality) -> tuple[Path, dict]:
+    """(folder, train manifest) of the digits, sharded without a val split."""
+    out = tmp_path_factory.mktemp("digits")
+    manifests = shard_source(modality, "digits", out, max_count=MAX_COUNT)
+    assert list(manifests) == ["train"]
+    return out, manifests["train"]
+
+
+@pytest.fixture(scope="module")
+def all_keys(modality) -> list[str]:
+    return [sample["__key__"] for sample in modality.read_source("digits")]
+
+
+@pytest.fixture(scope="module")
+def bad_samples() -> list[dict]:
+    """A JPEG cut in half, garbage bytes named image.jpg, and a record with no image."""
+    skimage_data = pytest.importorskip("skimage.data")
+    buffer = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    return [{"__key__": "astronaut_truncated", "__source__": "astronaut.jpg", "image.jpg": jpeg[: len(jpeg) // 2],
+             "cls": b"1"},
+            {"__key__": "garbage", "image.jpg": b"this is not a JPEG file " * 20, "cls": b"2"},
+            {"__key__": "no_payload", "cls": b"3"}]
+
+
+def tar_keys(path: str | Path) -> list[str]:
+    """Record keys in a shard, as plain `tar tf` lists its members."""
+    names = subprocess.run(["tar", "tf", str(path)], check=True, capture_output=True, text=True).stdout.split()
+    return list(dict.fromkeys(name.split(".", 1)[0] for name in names))
+
+
+def read_epoch(stream: ShardStream, num_workers: int) -> dict:
+    """One pass of a loader: keys in delivery order, per-key tokens and masks, skip counts."""
+    keys, values, hidden, skipped, empty_batches = [], {}, {}, Counter(), 0
+    for batch in make_loader(stream, num_workers):
+        skipped.update(batch.skipped)
+        if len(batch) == 0:
+            empty_batches += 1
+            continue
+        keys += batch.keys
+        for i, key in enumerate(batch.keys):
+            values[key], hidden[key] = batch.tokens.values[i], batch.mask.hidden[i]
+    return {"keys": keys, "values": values, "hidden": hidden, "skipped": skipped, "empty_batches": empty_batches}
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs the tar command")
+def test_shards_are_plain_tars_matching_the_manifest(digits):
+    out, manifest = digits
+    counts = [shard["count"] for shard in manifest["shards"]]
+    assert counts == [400, 400, 400, 400, 197]
+    assert manifest["total"] == NUM_DIGITS == manifest["inputs"] - len(manifest["rejected"])
+    assert manifest["rejected"] == [] and manifest["modality"] == "image"
+    assert json.loads((out / "train-manifest.json").read_text()) == manifest
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        assert len(tar_keys(path)) == shard["count"]
+        assert path.stat().st_size == shard["bytes"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([s["name"] for s in manifest["shards"]]
+                                                           + ["train-manifest.json"])  # no temporary files left
+
+
+def test_validation_rejects_corrupt_samples_with_reasons(tmp_path, modality, bad_samples):
+    good = list(itertools.islice(modality.read_source("digits"), 50))
+    samples = good[:10] + bad_samples[:1] + good[10:30] + bad_samples[1:] + good[30:]
+    manifest = write_shards(samples, tmp_path, max_count=20, validate=modality.decode, modality="image")
+    rejected = {entry["key"]: entry for entry in manifest["rejected"]}
+    assert set(rejected) == {"astronaut_truncated", "garbage", "no_payload"}
+    assert rejected["astronaut_truncated"]["source"] == "astronaut.jpg"
+    assert rejected["astronaut_truncated"]["kind"] == "corrupt_image"
+    assert "cannot decode image" in rejected["astronaut_truncated"]["reason"]
+    assert rejected["no_payload"]["kind"] == "missing_payload"
+    assert manifest["total"] == len(samples) - len(manifest["rejected"]) == 50
+    assert [shard["count"] for shard in manifest["shards"]] == [20, 20, 10]
+
+
+def test_errors_raised_by_the_source_are_recorded_and_writing_goes_on(tmp_path, modality):
+    class SourceWithUnreadableFile:
+        """An iterator whose third file cannot be read, as a folder with a bad permission would be."""
+
+        def __init__(self):
+            self.samples, self.calls = iter(itertools.islice(modality.read_source("digits"), 10)), 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.calls += 1
+            if self.calls == 3:
+                raise BadInput("photos/cat.png", "permission denied", "unreadable_file")
+            return next(self.samples)
+
+    manifest = write_shards(SourceWithUnreadableFile(), tmp_path, validate=modality.decode)
+    assert manifest["rejected"] == [{"key": None, "source": "photos/cat.png", "kind": "unreadable_file",
+                                     "reason": "permission denied"}]
+    assert manifest["total"] == 10 == manifest["inputs"] - 1
+
+
+def test_shard_source_splits_deterministically(digits_shards, tmp_path, modality):
+    train = json.loads((digits_shards / "train-manifest.json").read_text())
+    val = json.loads((digits_shards / "val-manifest.json").read_text())
+    assert train["total"] + val["total"] == NUM_DIGITS
+    assert 0.15 < val["total"] / NUM_DIGITS < 0.25
+    train_keys = {key for path in resolve_shards(digits_shards, prefix="train") for key in tar_keys(path)}
+    val_keys = {key for path in resolve_shards(digits_shards, prefix="val") for key in tar_keys(path)}
+    assert not train_keys & val_keys and len(train_keys | val_keys) == NUM_DIGITS
+    again = shard_source(modality, "digits", tmp_path, val_fraction=0.2, seed=0, max_count=500)
+    assert again["val"]["shards"] == val["shards"]  # same split, byte-identical sizes
+    assert (tmp_path / "val-000000.tar").read_bytes() == (digits_shards / "val-000000.tar").read_bytes()
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+def test_an_epoch_delivers_every_key_once_and_is_deterministic(digits, modality, masker, all_keys):
+    out, _ = digits
+    shards = resolve_shards(out)
+    evaluation = read_epoch(ShardStream(shards, modality, masker, batch_size=64, train=False), num_workers=2)
+    assert sorted(evaluation["keys"]) == sorted(all_keys) and len(evaluation["keys"]) == NUM_DIGITS
+    assert evaluation["skipped"] == Counter() and evaluation["empty_batches"] == 0
+
+    stream = ShardStream(shards, modality, masker, batch_size=64, train=True, shuffle_buffer=300, seed=7)
+    first = read_epoch(stream, num_workers=2)
+    assert sorted(first["keys"]) == sorted(all_keys)
+    assert read_epoch(stream, num_workers=2)["keys"] == first["keys"]  # same epoch: same order
+
+    in_process = read_epoch(stream, num_workers=0)  # another worker split, so another order ...
+    assert in_process["keys"] != first["keys"]
+    for key in all_keys[::97]:  # ... but each sample's augmentation and mask are the same
+        assert torch.equal(in_process["values"][key], first["values"][key])
+        assert torch.equal(in_process["hidden"][key], first["hidden"][key])
+
+    stream.set_epoch(1)
+    second = read_epoch(stream, num_workers=2)
+    assert second["keys"] != first["keys"] and sorted(second["keys"]) == sorted(all_keys)
+    assert any(not torch.equal(second["hidden"][key], first["hidden"][key]) for key in all_keys[:20])
+
+
+def test_bad_records_are_skipped_counted_and_good_ones_all_arrive(tmp_path, modality, masker, bad_samples):
+    good = list(modality.read_source("digits"))
+    samples = good[:100] + bad_samples[:1] + good[100:700] + bad_samples[1:2] + good[700:1500] + bad_samples[2:] \
+        + good[1500:]
+    manifest = write_shards(samples, tmp_path, max_count=MAX_COUNT)  # no validation: the bad ones are written
+    assert manifest["total"] == NUM_DIGITS + 3
+    stream = ShardStream(resolve_shards(tmp_path), modality, masker, batch_size=64, train=True, shuffle_buffer=200)
+    epoch = read_epoch(stream, num_workers=2)
+    assert sorted(epoch["keys"]) == sorted(sample["__key__"] for sample in good)
+    assert epoch["skipped"] == Counter({"corrupt_image": 2, "missing_payload": 1})
+
+
+def test_a_worker_with_only_bad_records_still_reports_them(tmp_path, modality, masker, bad_samples):
+    write_shards(itertools.islice(modality.read_source("digits"), 30), tmp_path, prefix="good")
+    write_shards(bad_samples, tmp_path, prefix="bad")
+    shards = resolve_shards(tmp_path, prefix="good") + resolve_shards(tmp_path, prefix="bad")
+    epoch = read_epoch(ShardStream(shards, modality, masker, batch_size=8, train=False), num_workers=2)
+    assert len(epoch["keys"]) == 30
+    assert epoch["empty_batches"] == 1  # the second worker's skip report
+    assert epoch["skipped"] == Counter({"corrupt_image": 2, "missing_payload": 1})
+
+
+def member_offsets(path: Path) -> list[int]:
+    with tarfile.open(path) as tar:
+        return [member.offset for member in tar.getmembers()]
+
+
+def test_truncated_and_missing_shards_are_counted_and_the_rest_arrive(digits, tmp_path, modality, masker):
+    out, manifest = digits
+    shards = [tmp_path / shard["name"] for shard in manifest["shards"]]
+    for shard in manifest["shards"]:
+        shutil.copy(out / shard["name"], tmp_path)
+    intact_keys = [key for path in shards[::2] for key in tar_keys(path)]
+    cut_in_half, cut_at_a_header = shards[1], shards[3]
+    data = cut_in_half.read_bytes()
+    cut_in_half.write_bytes(data[: len(data) // 2])
+    header = member_offsets(cut_at_a_header)[101]  # a tar reader would take this for a quiet end of archive
+    cut_at_a_header.write_bytes(cut_at_a_header.read_bytes()[:header])
+    missing = tmp_path / "train-000099.tar"
+    all_shards = [str(path) for path in shards] + [str(missing)]
+
+    epoch = read_epoch(ShardStream(all_shards, modality, masker, batch_size=64, train=True), num_workers=2)
+    assert epoch["skipped"] == Counter({"bad_shard": 2, "missing_shard": 1})
+    assert len(epoch["keys"]) == len(set(epoch["keys"]))
+    assert set(intact_keys) <= set(epoch["keys"])
+    assert len(intact_keys) < len(epoch["keys"]) < NUM_DIGITS  # records before the damage still arrive
+
+
+def test_resampled_stream_is_endless_and_drops_unreadable_shards(digits, modality, masker, tmp_path):
+    out, _ = digits
+    shards = resolve_shards(out) + [str(tmp_path / "gone.tar")]
+    stream = ShardStream(shards, modality, masker, batch_size=32, resampled=True, shuffle_buffer=100)
+    batches = list(itertools.islice(make_loader(stream, num_workers=2), 80))  # 2,560 samples > one pass
+    assert all(len(batch) == 32 for batch in batches if len(batch))
+    assert sum(batch.skipped.get("missing_shard", 0) for batch in batches) <= 2  # once per worker at most
+    assert len({key for batch in batches for key in batch.keys}) > NUM_DIGITS // 2
+    with pytest.raises(ValueError, match="none of the 1 shards can be read"):
+        next(iter(ShardStream([str(tmp_path / "gone.tar")], modality, masker, batch_size=4, resampled=True)))
+
+
+# -- finding shards -----------------------------------------------------------------------------------------
+
+
+def test_resolve_shards(digits, tmp_path, digits_shards):
+    out, manifest = digits
+    names = [str(out / shard["name"]) for shard in manifest["shards"]]
+    assert resolve_shards(out) == names
+    assert resolve_shards(f"{out}/train-{{000000..000004}}.tar") == names
+    assert resolve_shards(f"{out}/train-*.tar") == names
+    assert resolve_shards([names[0], f"{out}/train-00000[12].tar"]) == names[:3]
+    assert resolve_shards("pipe:curl -s https://example.org/train-{0..2}.tar") == [
+        f"pipe:curl -s https://example.org/train-{i}.tar" for i in range(3)]
+    assert resolve_shards(digits_shards, prefix="val") == [str(digits_shards / "val-000000.tar")]
+    with pytest.raises(ValueError, match="several splits"):
+        resolve_shards(digits_shards)
+    with pytest.raises(ValueError, match=f"folder {tmp_path} holds no"):
+        resolve_shards(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_shards(f"{out}/train-{{000000..000009}}.tar")
