@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from polymae.shared.errors import BadInput, ConfigError
 
@@ -21,6 +22,8 @@ def cmd_pretrain(args) -> None:
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no config file, only overrides
         config_path, overrides = None, [config_path, *overrides]
+    if args.resume and config_path is None:  # a resumed run keeps its own recipe
+        config_path = Path(args.resume) / "config.yaml"
     pretrain(load_config(config_path, overrides), resume=args.resume)
 
 

@@ -1,17 +1,22 @@
-"""`polymae pretrain`: shards -> stream -> trainer -> checkpoint, picture and probe."""
+"""`polymae pretrain`: shards -> stream -> trainer -> checkpoint, picture and probe.
+
+Under torchrun the same command trains data-parallel (see shared/distributed.py);
+rank 0 shards the source, names the run folder, writes and probes.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
+from polymae.shared import distributed
 from polymae.shared.config import Config, dump_config
+from polymae.shared.errors import ConfigError
 from polymae.shared.objectives import to_value_space
 from polymae.shared.trainer import Trainer
 
 from .probe import format_probe, probe
-from .runs import RunParts, build_parts, split_shards
+from .runs import RunParts, build_parts, load_run, split_shards
+from .shards import manifest_counts
 from .stream import ShardStream, make_loader
 
 
@@ -32,13 +37,49 @@ def picture_fn(parts: RunParts):
     return draw
 
 
+def batches_per_rank(config: Config, train_shards: list[str], world_size: int) -> int | None:
+    """How many batches every rank takes per epoch, so that no rank waits for another at an epoch's end."""
+    data = config.data
+    if data.batches_per_epoch is not None or world_size == 1:
+        return data.batches_per_epoch
+    if data.resampled:
+        raise ConfigError("data.resampled=true under torchrun needs data.batches_per_epoch (the length of an epoch)")
+    needed = world_size * max(1, data.num_workers)
+    if len(train_shards) < needed:
+        raise ConfigError(f"{len(train_shards)} shards cannot feed {world_size} ranks x {max(1, data.num_workers)} "
+                          f"workers ({needed} readers, one shard each at least): write smaller shards "
+                          "(polymae shard --max-count) or lower data.num_workers")
+    records = manifest_counts(train_shards)
+    if records is None:
+        raise ConfigError("under torchrun, shards without a manifest need data.batches_per_epoch "
+                          "(batches per rank per epoch)")
+    per_rank = records // (world_size * data.batch_size)
+    if per_rank == 0:
+        raise ConfigError(f"{records} records make no full batch of {data.batch_size} on each of {world_size} "
+                          "ranks: lower data.batch_size")
+    return per_rank
+
+
 def pretrain(config: Config, resume: Path | None = None) -> dict:
+    context = distributed.setup(config.trainer.device)
+    try:
+        return run(config, context, resume)
+    finally:
+        distributed.teardown()
+
+
+def run(config: Config, context: distributed.DistributedContext, resume: Path | None) -> dict:
     parts = build_parts(config)
-    train_shards, val_shards = split_shards(config, parts.modality)
-    run_dir = Path(resume) if resume else new_run_dir(config)
+    if context.is_main:  # shard once, before the others look for the shards
+        train_shards, val_shards = split_shards(config, parts.modality)
+    distributed.barrier()
+    if not context.is_main:
+        train_shards, val_shards = split_shards(config, parts.modality)
+    run_dir = Path(resume) if resume else Path(distributed.all_gather_objects(str(new_run_dir(config)))[0])
     data = config.data
     stream = ShardStream(train_shards, parts.modality, parts.masker, batch_size=data.batch_size, train=True,
-                         shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled)
+                         shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,
+                         batches_per_epoch=batches_per_rank(config, train_shards, context.world_size))
 
     def batches(epoch: int, start: int):
         stream.set_epoch(epoch)
@@ -46,21 +87,22 @@ def pretrain(config: Config, resume: Path | None = None) -> dict:
             if i >= start:  # resuming mid-epoch: replay the epoch's deterministic order up to the position
                 yield batch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     trainer = Trainer(parts.model, config.trainer, run_dir, parts.loss, config_text=dump_config(config),
-                      picture_fn=picture_fn(parts))
-    if resume:
-        if not trainer.resume():
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there to resume from")
-    (run_dir / "config.yaml").write_text(dump_config(config))
-    print(f"run folder: {run_dir}  ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train_shards)} train shards)")
+                      picture_fn=picture_fn(parts), context=context)
+    if resume and not trainer.resume():
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there to resume from")
+    if context.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        print(f"run folder: {run_dir}  ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(train_shards)} train shards, {context.world_size} rank(s) on {context.device})")
     summary = trainer.fit(batches)
     summary["run_dir"] = str(run_dir)
+    if not context.is_main:
+        return summary
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s, final loss "
           f"{summary['final_loss']:.4f}; checkpoint and reconstruction.png in {run_dir}")
-    if config.probe.enabled and val_shards:
-        summary["probe"] = probe(parts, train_shards, val_shards)
+    if config.probe.enabled and val_shards:  # from the checkpoint: the same path for DDP, FSDP and one process
+        summary["probe"] = probe(load_run(run_dir)[0], train_shards, val_shards)
         print(format_probe(summary["probe"]))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -26,7 +26,7 @@ def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, m
     """(features, labels) for a labelled split; `model=None` gives the raw token values."""
     data = parts.config.data
     stream = ShardStream(shards, parts.modality, build_masker("random", 0.0), batch_size=data.batch_size,
-                         train=False, seed=data.seed)
+                         train=False, seed=data.seed, split_by_rank=False)
     features, labels = [], []
     if model is not None:
         model.eval().to(device)

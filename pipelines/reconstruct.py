@@ -16,7 +16,7 @@ def reconstruct(run_or_checkpoint: str | Path, out: str | Path, rows: int = 8, s
     parts, checkpoint = load_run(run_or_checkpoint)
     train_shards, val_shards = split_shards(parts.config, parts.modality)
     stream = ShardStream(val_shards or train_shards, parts.modality, parts.masker, batch_size=rows, train=False,
-                         seed=seed)
+                         seed=seed, split_by_rank=False)
     batch = next(b for b in make_loader(stream, 0) if len(b))
     parts.model.eval()
     tokens = batch.tokens

@@ -254,8 +254,8 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
         for writer in writers.values():
             writer.abort()
         reasons = [f"{r['source']}: {r['reason']}" for w in writers.values() for r in w.rejected][:3]
-        raise ValueError(f"source {source!r} gave no usable {modality.name} records"
-                         + (f" (rejected: {'; '.join(reasons)})" if reasons else ""))
+        raise BadInput(str(source), f"gave no usable {modality.name} records"  # BadInput: the CLI's one-line error
+                       + (f" (rejected: {'; '.join(reasons)})" if reasons else ""), "no_usable_records")
     return {split: writer.close() for split, writer in writers.items()}
 
 
@@ -277,6 +277,19 @@ def shards_in_folder(folder: Path, prefix: str | None) -> list[str]:
                              f"{' ...' if len(missing) > 3 else ''}; re-shard the source")
         return listed
     return sorted(str(path) for path in folder.glob(f"{prefix}-*.tar" if prefix else "*.tar"))
+
+
+def manifest_counts(shards: list[str]) -> int | None:
+    """The number of records in `shards` according to their folders' manifests, or None
+    when any shard is not listed in one (a URL, a hand-made tar)."""
+    counts: dict[str, int] = {}
+    for folder in {Path(shard).parent for shard in shards if not URL_SCHEME.match(shard)}:
+        for manifest in folder.glob(manifest_name("*")):
+            for shard in json.loads(manifest.read_text())["shards"]:
+                counts[str(folder / shard["name"])] = shard["count"]
+    if any(shard not in counts for shard in shards):
+        return None
+    return sum(counts[shard] for shard in shards)
 
 
 def resolve_local(pattern: str) -> list[str]:

@@ -28,6 +28,14 @@ skip empty ones for compute (the trainer, probe and reconstruct do).
 
 In the non-resampled mode every worker yields its final partial batch, so
 one epoch delivers every readable sample exactly once.
+
+Equal batches per rank. Under torchrun, ranks whose shards hold different
+record counts would run out at different steps and the collectives would
+hang. With `batches_per_epoch` set (pretrain sets it from the manifests:
+records // (ranks x batch size)), every rank yields exactly that many full
+batches per epoch: each worker takes its share and, if its shards run dry
+first, reads them again in a new pass (with fresh per-sample randomness), as
+open_clip does. Skip counts then always ride on a full batch.
 """
 from __future__ import annotations
 
@@ -133,11 +141,11 @@ class StreamPosition(NamedTuple):
     num_workers: int
 
 
-def stream_position() -> StreamPosition:
-    """(rank, world size) from torch.distributed when it is initialised, else (0, 1);
+def stream_position(split_by_rank: bool = True) -> StreamPosition:
+    """(rank, world size) from torch.distributed when it is initialised (and asked for), else (0, 1);
     (worker, workers) from the DataLoader worker, else (0, 1)."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-        else (0, 1)
+    distributed = split_by_rank and dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return StreamPosition(rank, world_size, worker, num_workers)
@@ -178,12 +186,16 @@ class ShardStream(IterableDataset):
         order without augmentation (evaluation, probing, pictures).
     resampled: an infinite stream drawing shards with replacement; a shard
         that fails to read is counted once and not drawn again.
+    batches_per_epoch: per-rank quota of full batches (see "Equal batches per rank").
+    split_by_rank: False reads every shard in this process even under torchrun
+        (rank 0 probing or drawing after training).
     `stage_seconds` accumulates decode/tokenize/mask/collate time in the
     process that iterates (with `num_workers=0`, the caller's).
     """
 
     def __init__(self, shards: list[str], modality: Modality, masker: Masker, batch_size: int, train: bool = True,
-                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0):
+                 shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0,
+                 batches_per_epoch: int | None = None, split_by_rank: bool = True):
         super().__init__()
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
@@ -192,7 +204,8 @@ class ShardStream(IterableDataset):
         self.shards = [str(shard) for shard in shards]
         self.modality, self.masker, self.batch_size = modality, masker, batch_size
         self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
-        self.resampled, self.epoch = resampled, epoch
+        self.resampled, self.epoch, self.batches_per_epoch = resampled, epoch, batches_per_epoch
+        self.split_by_rank = split_by_rank
         self.stage_seconds: Counter = Counter()
         self.logged_kinds: set[str] = set()
 
@@ -226,10 +239,11 @@ class ShardStream(IterableDataset):
             self.count_skip(error, skipped)
             return False
 
-    def records(self, position: StreamPosition, skipped: Counter) -> Iterator[dict]:
+    def records(self, position: StreamPosition, skipped: Counter, repeat: int = 0) -> Iterator[dict]:
+        """This worker's records; `repeat` > 0 is a further pass over its shards (quota mode)."""
         if not self.resampled:
             for url in self.assigned_shards(position):
-                yield from self.shard_records(url, skipped)
+                yield from self.shard_records(url, skipped, repeat or None)
             return
         rng = random.Random(stable_hash("resample", self.seed, self.epoch, *position))
         readable = list(self.shards)
@@ -291,22 +305,48 @@ class ShardStream(IterableDataset):
         skipped.clear()
         return batch
 
+    def worker_quota(self, position: StreamPosition) -> int | None:
+        """This worker's share of the rank's `batches_per_epoch` (the DataLoader takes workers in turn)."""
+        if self.batches_per_epoch is None:
+            return None
+        share, extra = divmod(self.batches_per_epoch, position.num_workers)
+        return share + (1 if position.worker < extra else 0)
+
+    def passes(self, position: StreamPosition, skipped: Counter) -> Iterator[Iterator[dict]]:
+        """One pass over this worker's samples, or endless passes in quota mode."""
+        for repeat in itertools.count():
+            samples = self.records(position, skipped, repeat)
+            if self.train and self.shuffle_buffer > 1:
+                rng = random.Random(stable_hash("buffer", self.seed, self.epoch, position.rank, position.worker,
+                                                repeat))
+                samples = shuffled(samples, self.shuffle_buffer, rng)
+            yield samples
+            if self.batches_per_epoch is None:
+                return
+
     def __iter__(self) -> Iterator[Batch]:
-        position = stream_position()
+        position = stream_position(self.split_by_rank)
+        quota = self.worker_quota(position)
+        if quota == 0:
+            return
         skipped: Counter = Counter()  # since the previous batch; records() and prepare() add to it
-        samples = self.records(position, skipped)
-        if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(stable_hash("buffer", self.seed, self.epoch, position.rank, position.worker))
-            samples = shuffled(samples, self.shuffle_buffer, rng)
-        items = []
-        for sample in samples:
-            item = self.prepare(sample, skipped)
-            if item is None:
-                continue
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield self.make_batch(items, skipped)
-                items = []
+        items, produced = [], 0
+        for samples in self.passes(position, skipped):
+            usable = 0
+            for sample in samples:
+                item = self.prepare(sample, skipped)
+                if item is None:
+                    continue
+                usable += 1
+                items.append(item)
+                if len(items) == self.batch_size:
+                    yield self.make_batch(items, skipped)
+                    items, produced = [], produced + 1
+                    if produced == quota:
+                        return
+            if quota is not None and usable == 0:
+                raise ValueError(f"rank {position.rank} worker {position.worker}: its shards hold no usable "
+                                 f"records ({dict(skipped)}), so it cannot fill its {quota} batches")
         if items:
             yield self.make_batch(items, skipped)
         elif skipped:

@@ -37,16 +37,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, config_text: str,
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, config_text: str,
                     keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:06d}"
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-write; never loaded, now removed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
+              str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_text)
     for path in tmp.iterdir():  # the rename below publishes only what is on disk

@@ -34,6 +34,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000
     resampled: bool = False           # infinite stream, shards drawn with replacement
+    batches_per_epoch: int | None = None  # per rank; under torchrun default: manifest records // (ranks x batch)
     seed: int = 0
 
 
@@ -63,11 +64,14 @@ class TrainerConfig:
     max_nonfinite: int = 5            # consecutive non-finite losses before the run stops
     max_bad_fraction: float = 0.1     # skipped / seen records above this stops the run
     device: str = "auto"              # auto | cpu | cuda
+    strategy: str = "ddp"             # under torchrun: ddp (replicated) | fsdp (sharded parameters)
     seed: int = 0
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"trainer.precision must be one of bf16, fp32; got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"trainer.strategy must be one of ddp, fsdp; got {self.strategy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device must be one of auto, cpu, cuda; got {self.device!r}")
         for name in ("max_steps", "accum_steps", "ckpt_every", "keep_last", "log_every"):

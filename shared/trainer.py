@@ -8,10 +8,16 @@ TensorBoard scalars and a reconstruction picture every N steps.
 
 The trainer knows nothing of modalities: it gets a model, a loss function
 `loss_fn(model, batch) -> (loss, parts, out)`, an optional picture function,
-and `batches(epoch, start) -> iterable of Batch` that it restarts each epoch.
+and `batches(epoch, start) -> iterable of Batch` that it restarts each epoch
+(`start` skips the batches a resumed run has already trained on).
+
+Under torchrun it wraps the model in DDP or FSDP; every rank must see the
+same number of batches (the stream's per-rank quota guarantees it), every
+collective happens at the same step on every rank, and only rank 0 writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -23,13 +29,17 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .config import TrainerConfig
+from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
 from .tokens import Batch
 
 MIN_RECORDS_FOR_BAD_FRACTION = 200  # judge the bad-record share only once it means something
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class TrainingError(RuntimeError):
@@ -78,12 +88,15 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     def __init__(self, model: nn.Module, config: TrainerConfig, run_dir: Path,
                  loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict, dict]], config_text: str = "",
-                 picture_fn: Callable[[Batch, dict], "object"] | None = None, log: Callable[[str], None] = print):
+                 picture_fn: Callable[[Batch, dict], "object"] | None = None, log: Callable[[str], None] = print,
+                 context: DistributedContext | None = None):
         self.config, self.run_dir, self.loss_fn = config, Path(run_dir), loss_fn
-        self.picture_fn, self.config_text, self.log = picture_fn, config_text, log
-        self.device = pick_device(config.device)
-        self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+        self.picture_fn, self.config_text = picture_fn, config_text
+        self.context = context or DistributedContext(device=pick_device(config.device))
+        self.log = log if self.context.is_main else (lambda message: None)
+        self.device = self.context.device
+        self.model = wrap(model.to(self.device), self.context, config.strategy)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
                                            betas=tuple(config.betas))
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.skipped: Counter = Counter()
@@ -93,24 +106,28 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # -- state ------------------------------------------------------------
-    def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+    def state(self, optimizer_state: dict) -> dict:
+        return {"optimizer": optimizer_state, "step": self.step, "epoch": self.epoch,
                 "batches_in_epoch": self.batches_in_epoch, "skipped": dict(self.skipped),
                 "records_seen": self.records_seen, "rng": rng_state(),
                 "scheduler": {"kind": "warmup_cosine", "step": self.step}}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.state(), self.config_text,
-                               self.config.keep_last)
+    def save(self) -> None:
+        """Gather full (unsharded, unwrapped) weights and optimizer state; rank 0 writes them."""
+        weights, optimizer_state = get_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        if self.context.is_main:
+            save_checkpoint(self.run_dir, self.step, weights, self.state(optimizer_state), self.config_text,
+                            self.config.keep_last)
+        barrier()
 
     def resume(self) -> bool:
         """Continue from the run's latest complete checkpoint, if there is one."""
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             return False
-        load_weights(checkpoint, self.model)
         state = load_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
+                       optim_state_dict=state["optimizer"], options=FULL_STATE)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         self.skipped, self.records_seen = Counter(state["skipped"]), state["records_seen"]
         set_rng_state(state["rng"])
@@ -130,18 +147,26 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def count_records(self, batch: Batch) -> None:
-        self.skipped.update(batch.skipped)
-        self.records_seen += len(batch)
-        bad, total = sum(self.skipped.values()), sum(self.skipped.values()) + self.records_seen
-        if total >= MIN_RECORDS_FOR_BAD_FRACTION and bad / total > self.config.max_bad_fraction:
-            raise TrainingError(f"{bad} of {total} records were bad ({dict(self.skipped)}), more than "
+    def record_counts(self) -> tuple[int, dict[str, int]]:
+        """(records seen, skipped by kind) summed over all ranks (a collective: call on every rank)."""
+        seen, skipped = 0, Counter()
+        for rank_seen, rank_skipped in all_gather_objects((self.records_seen, dict(self.skipped))):
+            seen += rank_seen
+            skipped.update(rank_skipped)
+        return seen, dict(skipped)
+
+    def check_bad_fraction(self) -> None:
+        seen, skipped = self.record_counts()
+        bad = sum(skipped.values())
+        if bad + seen >= MIN_RECORDS_FOR_BAD_FRACTION and bad / (bad + seen) > self.config.max_bad_fraction:
+            raise TrainingError(f"{bad} of {bad + seen} records were bad ({skipped}), more than "
                                 f"trainer.max_bad_fraction={self.config.max_bad_fraction}; fix the data or raise it")
 
     def guard_nonfinite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite. A non-finite one skips the step, is logged, and
-        `max_nonfinite` in a row stop the run (the last good checkpoint stays as it was)."""
-        if torch.isfinite(loss).item():
+        """True when the loss is finite on every rank. A non-finite one skips the step, is logged,
+        and `max_nonfinite` in a row stop the run (the last good checkpoint stays as it was)."""
+        finite = all_reduce(torch.isfinite(loss.detach().float().cpu()).to(torch.int32), "min")
+        if finite.item():
             self.nonfinite_in_a_row = 0
             return True
         self.optimizer.zero_grad(set_to_none=True)
@@ -161,9 +186,11 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        main = self.context.is_main
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not main)
         started = time.perf_counter()
         deadline = started + 60 * c.max_minutes if c.max_minutes else math.inf
         window_start, window_samples, last_loss, micro = time.perf_counter(), 0, float("nan"), 0
@@ -176,14 +203,15 @@ class Trainer:
                 for batch in batches(self.epoch, self.batches_in_epoch):
                     produced += 1
                     self.batches_in_epoch += 1
-                    self.count_records(batch)
+                    self.skipped.update(batch.skipped)
+                    self.records_seen += len(batch)
                     if len(batch) == 0:  # a worker's last word: only skip counts
                         continue
                     batch = batch.to(self.device)
                     lr = self.set_lr()
                     with self.autocast():
                         loss, parts, out = self.loss_fn(self.model, batch)
-                    if not self.guard_nonfinite(loss.detach()):
+                    if not self.guard_nonfinite(loss):
                         micro = 0
                         continue
                     (loss / c.accum_steps).backward()
@@ -199,54 +227,77 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
-                    last_loss = loss.item()
                     bar.update(1)
 
                     if self.step % c.log_every == 0 or self.step == c.max_steps:
+                        # averaged over ranks; samples/s summed over ranks
+                        reduced = all_reduce(torch.stack([loss.detach().float().cpu(),
+                                                          *[v.detach().float().cpu() for v in parts.values()]]),
+                                             "mean")
+                        last_loss = reduced[0].item()
                         now = time.perf_counter()
-                        rate = window_samples / max(now - window_start, 1e-9)
+                        rate = all_reduce(torch.tensor(window_samples / max(now - window_start, 1e-9)), "sum")
                         window_start, window_samples = now, 0
-                        record = {"step": self.step, "loss": last_loss, "lr": lr, "samples_per_s": rate,
-                                  "epoch": self.epoch, "elapsed_s": now - started,
-                                  **{f"loss/{k}": float(v) for k, v in parts.items()},
-                                  "skipped": sum(self.skipped.values())}
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        for key in ("loss", "lr", "samples_per_s"):
-                            writer.add_scalar(f"train/{key}", record[key], self.step)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-                    if self.picture_fn is not None and self.step % c.picture_every == 0:
+                        self.check_bad_fraction()
+                        if main:
+                            record = {"step": self.step, "loss": last_loss, "lr": lr, "samples_per_s": rate.item(),
+                                      "epoch": self.epoch, "elapsed_s": now - started,
+                                      **{f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
+                                      "skipped": sum(self.skipped.values())}
+                            metrics_file.write(json.dumps(record) + "\n")
+                            metrics_file.flush()
+                            for key in ("loss", "lr", "samples_per_s"):
+                                writer.add_scalar(f"train/{key}", record[key], self.step)
+                            bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate.item():.0f}", lr=f"{lr:.2e}")
+                    if main and self.picture_fn is not None and self.step % c.picture_every == 0:
                         self.save_picture(batch, out, f"pictures/step-{self.step:06d}.png")
                     if self.step % c.ckpt_every == 0:
                         self.save()
-                    if self.step >= c.max_steps or time.perf_counter() > deadline:
+                    out_of_time = all_reduce(torch.tensor(int(time.perf_counter() > deadline)), "max").item()
+                    if self.step >= c.max_steps or out_of_time:
                         stop = True
                         break
                 else:
                     self.epoch, self.batches_in_epoch = self.epoch + 1, 0
                     if produced == 0:
                         raise TrainingError("the data stream produced no batches: are the shards empty?")
-            if latest_checkpoint(self.run_dir) is None or not latest_checkpoint(self.run_dir).name.endswith(
-                    f"{self.step:06d}"):
+            if self.step % c.ckpt_every:  # the final state, unless that step was just saved
                 self.save()
-            if self.picture_fn is not None:
+            if main and self.picture_fn is not None:
                 self.save_picture(batch, out, "reconstruction.png")
         finally:
             bar.close()
-            writer.close()
-            metrics_file.close()
+            if main:
+                writer.close()
+                metrics_file.close()
         elapsed = time.perf_counter() - started
+        seen, skipped = self.record_counts()
         summary = {"steps": self.step, "final_loss": last_loss, "train_seconds": elapsed,
-                   "records_seen": self.records_seen, "skipped": dict(self.skipped),
-                   "nonfinite_steps": self.nonfinite_steps}
-        if self.skipped:
-            self.log(f"skipped {sum(self.skipped.values())} bad records: "
-                     + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+                   "records_seen": seen, "skipped": skipped, "nonfinite_steps": self.nonfinite_steps,
+                   "world_size": self.context.world_size, **self.replica_check()}
+        if skipped:
+            self.log(f"skipped {sum(skipped.values())} bad records: "
+                     + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+        self.check_bad_fraction()
         return summary
+
+    def replica_check(self) -> dict:
+        """Every rank's step count and a digest of its parameters. Under DDP the replicas must be
+        bitwise identical; if they are not, the run is broken and says so instead of saving a lie."""
+        digest = hashlib.sha256()
+        for name, param in sorted(self.model.named_parameters()):
+            local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP shard
+            digest.update(name.encode() + local.detach().float().cpu().numpy().tobytes())
+        gathered = all_gather_objects((self.step, digest.hexdigest()))
+        steps, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+        replicated = self.context.enabled and self.config.strategy == "ddp"
+        if replicated and len(set(digests)) > 1:
+            raise TrainingError(f"DDP replicas diverged: parameter digests differ across ranks ({digests})")
+        return {"steps_per_rank": steps, "parameter_digests": digests}
 
     def save_picture(self, batch: Batch, out: dict, name: str) -> None:
         path = self.run_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
+        with torch.no_grad():  # the picture is of rank 0's batch
             picture = self.picture_fn(batch.to("cpu"), {k: v.detach().float().cpu() for k, v in out.items()})
         picture.save(path)

@@ -1,0 +1,59 @@
+"""Data-parallel pretraining under torchrun (gloo on CPU), on real shards of unequal size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polymae.pipelines.pretrain import batches_per_rank
+from polymae.shared.config import load_config
+from polymae.shared.errors import ConfigError
+
+SMALL_MODEL = ["model.depth=2", "model.width=64", "model.heads=2", "model.decoder_depth=1",
+               "model.decoder_width=32", "model.decoder_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    import polymae.modalities  # noqa: F401
+    from polymae.pipelines.shards import shard_source
+    from polymae.shared.registry import MODALITIES
+
+    out = tmp_path_factory.mktemp("uneven")
+    modality = MODALITIES.get("image")({"image_size": [8, 8], "patch_size": 2, "channels": 1})
+    manifests = shard_source(modality, "digits", out, val_fraction=0.2, max_count=300)
+    counts = [shard["count"] for shard in manifests["train"]["shards"]]
+    assert len(set(counts)) > 1, counts  # the point of the test: shards of different sizes
+    return out
+
+
+def test_two_ranks_run_the_same_steps_and_end_identical(tmp_path, uneven_shards):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # 14 steps of 64 per rank cross the end of an epoch (1,4xx records / (2 x 64) = 11 batches per rank)
+    command = [str(torchrun), "--nproc_per_node", "2", "--no-python", "polymae", "pretrain",
+               "trainer.max_steps=14", "trainer.log_every=2", "data.batch_size=64", "data.num_workers=1",
+               f"data.shards={uneven_shards}", "data.source=null", "probe.enabled=false", *SMALL_MODEL]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "digits_mae" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["steps_per_rank"] == [14, 14]
+    assert len(set(summary["parameter_digests"])) == 1  # both replicas hold the same parameters
+    assert (tmp_path / "runs" / "digits_mae" / "checkpoints" / "step-000014" / "model.safetensors").is_file()
+    assert "2 rank(s)" in result.stdout
+
+
+def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(uneven_shards):
+    from polymae.pipelines.shards import resolve_shards
+
+    config = load_config(None, [f"data.shards={uneven_shards}", "data.source=null", "data.num_workers=2"])
+    shards = resolve_shards(uneven_shards, prefix="train")
+    with pytest.raises(ConfigError, match=f"{len(shards)} shards cannot feed 4 ranks x 2 workers"):
+        batches_per_rank(config, shards, world_size=4)
+    records = json.loads((uneven_shards / "train-manifest.json").read_text())["total"]
+    assert batches_per_rank(config, shards, world_size=2) == records // (2 * 256)
