@@ -215,8 +215,9 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     # -- records ---------------------------------------------------------------
-    def assigned_shards(self, position: StreamPosition) -> list[str]:
-        """This rank's slice of the epoch's shard order, then this worker's slice of that."""
+    def assigned_shards(self, position: StreamPosition, whole_rank: bool = False) -> list[str]:
+        """This rank's slice of the epoch's shard order, then this worker's slice of that
+        (or the rank's whole slice: a quota worker whose own shards are all unreadable)."""
         order = list(self.shards)
         if self.train:
             random.Random(stable_hash("shards", self.seed, self.epoch)).shuffle(order)
@@ -224,7 +225,7 @@ class ShardStream(IterableDataset):
         if not for_rank:
             raise ValueError(f"{len(self.shards)} shards cannot feed {position.world_size} ranks: write more, "
                              "smaller shards (max_count) or use resampled=True")
-        return for_rank[position.worker::position.num_workers]
+        return for_rank if whole_rank else for_rank[position.worker::position.num_workers]
 
     def shard_records(self, url: str, skipped: Counter, draw: int | None = None) -> Generator[dict, None, bool]:
         """One shard's records (marked with the resampled `draw` number); returns
@@ -239,10 +240,11 @@ class ShardStream(IterableDataset):
             self.count_skip(error, skipped)
             return False
 
-    def records(self, position: StreamPosition, skipped: Counter, repeat: int = 0) -> Iterator[dict]:
+    def records(self, position: StreamPosition, skipped: Counter, repeat: int = 0,
+                whole_rank: bool = False) -> Iterator[dict]:
         """This worker's records; `repeat` > 0 is a further pass over its shards (quota mode)."""
         if not self.resampled:
-            for url in self.assigned_shards(position):
+            for url in self.assigned_shards(position, whole_rank):
                 yield from self.shard_records(url, skipped, repeat or None)
             return
         rng = random.Random(stable_hash("resample", self.seed, self.epoch, *position))
@@ -312,45 +314,73 @@ class ShardStream(IterableDataset):
         share, extra = divmod(self.batches_per_epoch, position.num_workers)
         return share + (1 if position.worker < extra else 0)
 
-    def passes(self, position: StreamPosition, skipped: Counter) -> Iterator[Iterator[dict]]:
-        """One pass over this worker's samples, or endless passes in quota mode."""
+    def passes(self, position: StreamPosition, skipped: Counter,
+               whole_rank: bool = False) -> Iterator[tuple[Iterator[dict], Counter]]:
+        """(samples, where to count their skips) for one pass over this worker's shards, or
+        endless passes in quota mode. A bad record is counted on the first pass only: the
+        counts are of bad records, not of reads of them."""
         for repeat in itertools.count():
-            samples = self.records(position, skipped, repeat)
+            # a rank-wide fallback pass reads shards that other workers count already
+            counter = skipped if repeat == 0 and not whole_rank else Counter()
+            samples = self.records(position, counter, repeat, whole_rank)
             if self.train and self.shuffle_buffer > 1:
                 rng = random.Random(stable_hash("buffer", self.seed, self.epoch, position.rank, position.worker,
                                                 repeat))
                 samples = shuffled(samples, self.shuffle_buffer, rng)
-            yield samples
+            yield samples, counter
             if self.batches_per_epoch is None:
                 return
+
+    def full_batches(self, samples: Iterator[dict], counter: Counter, skipped: Counter, items: list,
+                     limit: int | None = None) -> Generator[Batch, None, tuple[int, int]]:
+        """Up to `limit` full batches from `samples`, `items` keeping the remainder;
+        returns (usable samples, batches made)."""
+        usable = made = 0
+        for sample in samples:
+            item = self.prepare(sample, counter)
+            if item is None:
+                continue
+            usable += 1
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self.make_batch(items, skipped)
+                items.clear()
+                made += 1
+                if made == limit:
+                    break
+        return usable, made
+
+    def fill_quota(self, position: StreamPosition, skipped: Counter, quota: int,
+                   whole_rank: bool) -> Generator[Batch, None, int]:
+        """Exactly `quota` full batches, re-reading the shards as often as needed; returns how
+        many it made (fewer only when a whole pass finds nothing usable)."""
+        items, produced = [], 0
+        for samples, counter in self.passes(position, skipped, whole_rank):
+            usable, made = yield from self.full_batches(samples, counter, skipped, items, quota - produced)
+            produced += made
+            if produced == quota or usable == 0:
+                return produced
+        return produced
 
     def __iter__(self) -> Iterator[Batch]:
         position = stream_position(self.split_by_rank)
         quota = self.worker_quota(position)
-        if quota == 0:
-            return
         skipped: Counter = Counter()  # since the previous batch; records() and prepare() add to it
-        items, produced = [], 0
-        for samples in self.passes(position, skipped):
-            usable = 0
-            for sample in samples:
-                item = self.prepare(sample, skipped)
-                if item is None:
-                    continue
-                usable += 1
-                items.append(item)
-                if len(items) == self.batch_size:
-                    yield self.make_batch(items, skipped)
-                    items, produced = [], produced + 1
-                    if produced == quota:
-                        return
-            if quota is not None and usable == 0:
-                raise ValueError(f"rank {position.rank} worker {position.worker}: its shards hold no usable "
-                                 f"records ({dict(skipped)}), so it cannot fill its {quota} batches")
-        if items:
-            yield self.make_batch(items, skipped)
-        elif skipped:
-            yield skip_report(skipped)
+        if quota is None:  # one pass: every readable sample once, the last batch partial
+            items = []
+            samples, counter = next(self.passes(position, skipped))
+            yield from self.full_batches(samples, counter, skipped, items)
+            if items:
+                yield self.make_batch(items, skipped)
+            elif skipped:
+                yield skip_report(skipped)
+            return
+        produced = yield from self.fill_quota(position, skipped, quota, whole_rank=False)
+        if produced < quota:  # this worker's own shards are all unreadable: use the rank's others
+            produced += yield from self.fill_quota(position, skipped, quota - produced, whole_rank=True)
+        if produced < quota:
+            raise ValueError(f"rank {position.rank}: its shards hold no usable records ({dict(skipped)}), "
+                             f"so it cannot fill its {quota} batches per epoch")
 
 
 def single_threaded_worker(worker_id: int) -> None:

@@ -165,6 +165,8 @@ class Trainer:
     def guard_nonfinite(self, loss: torch.Tensor) -> bool:
         """True when the loss is finite on every rank. A non-finite one skips the step, is logged,
         and `max_nonfinite` in a row stop the run (the last good checkpoint stays as it was)."""
+        if hasattr(loss, "full_tensor"):  # FSDP's gradient norm is a DTensor
+            loss = loss.full_tensor()
         finite = all_reduce(torch.isfinite(loss.detach().float().cpu()).to(torch.int32), "min")
         if finite.item():
             self.nonfinite_in_a_row = 0

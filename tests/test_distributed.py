@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,21 @@ def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(uneven_shards):
         batches_per_rank(config, shards, world_size=4)
     records = json.loads((uneven_shards / "train-manifest.json").read_text())["total"]
     assert batches_per_rank(config, shards, world_size=2) == records // (2 * 256)
+
+
+def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missing(digits_shards, tmp_path):
+    """Equal batches per rank: a worker whose only shard is missing fills its share from the
+    rank's other shards; the missing shard is counted once, not once per re-read."""
+    from polymae.pipelines.shards import resolve_shards
+    from polymae.pipelines.stream import ShardStream, make_loader
+    from polymae.shared.masking import build_masker
+    from polymae.shared.registry import MODALITIES
+
+    modality = MODALITIES.get("image")({"image_size": [8, 8], "patch_size": 2, "channels": 1})
+    good = resolve_shards(digits_shards, prefix="train")[0]
+    stream = ShardStream([good, str(tmp_path / "gone.tar")], modality, build_masker("random", 0.75),
+                         batch_size=64, batches_per_epoch=20)  # 20 x 64 > one shard: forces re-reading
+    batches = list(make_loader(stream, num_workers=2))
+    assert len(batches) == 20 and all(len(batch) == 64 for batch in batches)
+    skipped = sum((Counter(batch.skipped) for batch in batches), Counter())
+    assert skipped == {"missing_shard": 1}

@@ -56,7 +56,10 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
             image = image.convert(MODES[channels])
     except BadInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:  # PIL's own message names a BytesIO object and its memory address
+        raise BadInput(source, f"cannot decode image: not a format PIL reads ({len(data)} bytes starting "
+                       f"{data[:8]!r})", "corrupt_image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInput(source, f"cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from None
     if min(image.height, image.width) < min_side:
         raise BadInput(source, f"image {image.width}x{image.height} is smaller than one {min_side}px patch",
@@ -66,21 +69,44 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def read_folder(root: Path) -> Iterator[dict]:
-    """A flat folder of images, or class sub-folders (labels by sorted folder name)."""
+class FolderSamples:
+    """The samples of a folder's image files. A file that cannot be read (a dangling
+    link, no permission, an I/O error) makes `next` raise its BadInput (kind
+    "unreadable_file") once, and the following call moves on to the next file: the
+    shard writer records it as rejected and goes on (a generator would end there)."""
+
+    def __init__(self, root: Path, classes: list[str], files: list[Path]):
+        self.root, self.classes, self.files = root, classes, iter(files)
+
+    def __iter__(self) -> "FolderSamples":
+        return self
+
+    def __next__(self) -> dict:
+        path = next(self.files)  # StopIteration ends the source
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadInput(str(path), f"cannot read file ({error.strerror or error})", "unreadable_file") from None
+        relative = path.relative_to(self.root)
+        sample = {"__key__": str(relative.with_suffix("")).replace("/", "_").replace(".", "_"),
+                  "__source__": str(path), IMAGE_SUFFIXES[path.suffix.lower()]: data}
+        if self.classes and path.parent != self.root:
+            sample["cls"] = str(self.classes.index(relative.parts[0])).encode()
+        return sample
+
+
+def read_folder(root: Path) -> FolderSamples:
+    """A flat folder of images, or class sub-folders (labels by sorted folder name).
+    A missing or image-less folder raises BadInput here, before any sample."""
     if not root.is_dir():
         raise BadInput(str(root), "is not a folder of images (nor a built-in source: "
                        f"{', '.join(BUILTIN_SOURCES)})", "missing_source")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # not is_dir(): a folder named x.png is no image; a dangling link stays, to be rejected by name
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not files:
         raise BadInput(str(root), f"holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files", "missing_source")
-    for path in files:
-        sample = {"__key__": str(path.relative_to(root).with_suffix("")).replace("/", "_").replace(".", "_"),
-                  "__source__": str(path), IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes()}
-        if classes and path.parent != root:
-            sample["cls"] = str(classes.index(path.relative_to(root).parts[0])).encode()
-        yield sample
+    return FolderSamples(root, classes, files)
 
 
 def read_digits() -> Iterator[dict]:
