@@ -32,21 +32,42 @@ def uneven_shards(tmp_path_factory):
     return out
 
 
-def test_two_ranks_run_the_same_steps_and_end_identical(tmp_path, uneven_shards):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    # 14 steps of 64 per rank cross the end of an epoch (1,4xx records / (2 x 64) = 11 batches per rank)
-    command = [str(torchrun), "--nproc_per_node", "2", "--no-python", "polymae", "pretrain",
-               "trainer.max_steps=14", "trainer.log_every=2", "data.batch_size=64", "data.num_workers=1",
-               f"data.shards={uneven_shards}", "data.source=null", "probe.enabled=false", *SMALL_MODEL]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+def torchrun_pretrain(cwd, shards, *overrides):
+    """`torchrun --nproc_per_node 2 --no-python polymae pretrain ...`, as the README documents it."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--no-python", "polymae", "pretrain",
+               "trainer.log_every=2", "data.batch_size=64", "data.num_workers=1", f"data.shards={shards}",
+               "data.source=null", "probe.enabled=false", *SMALL_MODEL, *overrides]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_ranks_run_the_same_steps_and_end_identical(tmp_path, uneven_shards):
+    # 14 steps of 64 per rank cross the end of an epoch (1,4xx records / (2 x 64) = 11 batches per rank)
+    result = torchrun_pretrain(tmp_path, uneven_shards, "trainer.max_steps=14")
     summary = json.loads((tmp_path / "runs" / "digits_mae" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["steps_per_rank"] == [14, 14]
     assert len(set(summary["parameter_digests"])) == 1  # both replicas hold the same parameters
     assert (tmp_path / "runs" / "digits_mae" / "checkpoints" / "step-000014" / "model.safetensors").is_file()
     assert "2 rank(s)" in result.stdout
+
+
+def test_fsdp_shards_parameters_and_checkpoints_them_whole(tmp_path, uneven_shards):
+    from safetensors.torch import load_file
+
+    from polymae.pipelines.runs import build_parts
+
+    torchrun_pretrain(tmp_path, uneven_shards, "trainer.max_steps=4", "trainer.strategy=fsdp")
+    run_dir = tmp_path / "runs" / "digits_mae"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [4, 4]
+    assert len(set(summary["parameter_digests"])) == 2  # each rank holds its own shard of the parameters
+    weights = load_file(str(run_dir / "checkpoints" / "step-000004" / "model.safetensors"))
+    fresh = build_parts(load_config(run_dir / "config.yaml")).model.state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in fresh.items()}  # whole, not shards
 
 
 def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(uneven_shards):
