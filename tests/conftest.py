@@ -8,7 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# The tests' models and tensors are tiny: one intra-op thread is faster than two, and far
+# faster when another process shares the 2 cores (the pipeline's own runs set their threads).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,6 @@ from polymae.shared.registry import MODALITIES
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return skimage_data.astronaut()          # uint8 [512, 512, 3]

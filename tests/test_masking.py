@@ -23,15 +23,6 @@ from polymae.shared.tokens import Mask, Tokens, hidden_count
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MASKER_NAMES = MASKERS.names()
 GENERIC_MASKERS = {"random", "block", "red", "blue", "green", "purple"}  # shared/masking.py
 GRIDS = [(14, 14), (8, 12)]

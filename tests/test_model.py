@@ -15,15 +15,6 @@ from polymae.shared.tokens import collate
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PATCH = 8
 SMALL = ModelConfig(width=32, depth=2, heads=2, decoder_width=32, decoder_depth=2, decoder_heads=2)
 
