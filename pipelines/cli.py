@@ -67,6 +67,8 @@ def cmd_reconstruct(args) -> None:
 
 def cmd_info(args) -> None:
     import polymae.modalities as modalities
+    import polymae.shared.masking  # noqa: F401  (registers the generic maskers)
+    import polymae.shared.objectives  # noqa: F401  (registers the generic objectives)
     from polymae.shared.config import shipped_configs
     from polymae.shared.registry import MASKERS, MODALITIES, MODEL_SIZES, OBJECTIVES
 
