@@ -9,7 +9,7 @@ import importlib
 
 UNAVAILABLE: dict[str, str] = {}
 
-for _name in ("image", "pointcloud"):
+for _name in ("image", "pointcloud", "voxel"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ImportError as err:  # an optional extra is not installed

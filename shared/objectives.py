@@ -6,7 +6,6 @@ Reconstruction terms average over hidden tokens only (padding excluded).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .registry import OBJECTIVES
