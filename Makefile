@@ -22,6 +22,8 @@ system-deps:
 $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@# laspy's real LAS/LAZ test scans ship only in its sdist: fetch them from the registry once
+	$(BIN)/python -c "from polymae.shared.packaged_data import fetch_laspy_test_scans as f; print('laspy scans:', f())"
 	touch $(STAMP)
 
 demo: install
