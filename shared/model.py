@@ -7,16 +7,19 @@
 
 The encoder never sees a hidden token: that is MAE's whole saving. Hidden
 positions are only known to the decoder, through `ids_restore` and coords.
+
+Linear layers and attention go through shared/kernels.py, which picks faster
+CPU kernels for the same maths (`ModelConfig.kernels = "torch"` turns that off).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .kernels import KERNELS, linear, self_attention
 from .position import build_position
 from .registry import MODEL_SIZES
 from .tokens import Mask
@@ -41,12 +44,15 @@ class ModelConfig:
     cls_token: bool = True
     layer_norm_eps: float = 1e-6
     pool: str = "mean"              # features for probing: mean of tokens or cls
+    kernels: str = "auto"           # auto: oneDNN linears + short-sequence attention on CPU; torch: plain ops
 
     def __post_init__(self):
         if self.size not in MODEL_SIZES:
             raise ConfigError(f"model.size must be one of {', '.join(MODEL_SIZES.names())}; got {self.size!r}")
         if self.pool not in ("mean", "cls"):
             raise ConfigError(f"model.pool must be mean or cls; got {self.pool!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"model.kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
 
     def resolved(self) -> "ModelConfig":
         base = MODEL_SIZES.get(self.size)
@@ -55,48 +61,50 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, kernels: str = "auto"):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
-        self.heads = heads
+        self.heads, self.kernels = heads, kernels
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        qkv = linear(x, self.qkv, self.kernels).view(b, n, 3, self.heads, c // self.heads)
+        return linear(self_attention(qkv, attn_mask, self.kernels), self.proj, self.kernels)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, kernels: str = "auto"):
         super().__init__()
         hidden = int(width * mlp_ratio)
+        self.kernels = kernels
         self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, kernels)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        fc1, act, fc2 = self.mlp
+        return x + linear(act(linear(self.norm2(x), fc1, self.kernels)), fc2, self.kernels)
 
 
 class InputAdapter(nn.Module):
     """Token embedding plus position encoding for one modality."""
 
     def __init__(self, d_in: int, width: int, num_coords: int, position: str = "sincos",
-                 grid: tuple[int, ...] | None = None, embed: nn.Module | None = None):
+                 grid: tuple[int, ...] | None = None, embed: nn.Module | None = None, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.embed = embed if embed is not None else nn.Linear(d_in, width)
         self.position = build_position(position, width, num_coords, grid)
 
     def forward(self, values: Tensor, coords: Tensor) -> Tensor:
-        return self.embed(values) + self.position(coords)
+        return linear(values, self.embed, self.kernels) + self.position(coords)
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
@@ -120,9 +128,10 @@ class MaskedAutoencoder(nn.Module):
         self.config = cfg = config.resolved()
         self.d_in = d_in
         self.grid = tuple(grid) if grid is not None else None
-        self.input_adapter = input_adapter or InputAdapter(d_in, cfg.width, num_coords, cfg.position, grid)
+        self.input_adapter = input_adapter or InputAdapter(d_in, cfg.width, num_coords, cfg.position, grid,
+                                                           kernels=cfg.kernels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.cls_token else None
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
@@ -130,7 +139,7 @@ class MaskedAutoencoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
         self.decoder_position = build_position(cfg.position, cfg.decoder_width, num_coords, grid)
         self.decoder_blocks = nn.ModuleList(
-            Block(cfg.decoder_width, cfg.decoder_heads, cfg.decoder_mlp_ratio, cfg.layer_norm_eps)
+            Block(cfg.decoder_width, cfg.decoder_heads, cfg.decoder_mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
             for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.decoder_width, d_in)
@@ -165,12 +174,12 @@ class MaskedAutoencoder(nn.Module):
 
     def decode(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
         """Visible encodings + mask tokens at hidden places -> predictions [B, N, d_in]."""
-        return self.head(self.decode_features(latent, mask, coords, valid))
+        return linear(self.decode_features(latent, mask, coords, valid), self.head, self.config.kernels)
 
     def decode_features(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
         """The decoder's normalised output per token [B, N, decoder_width], before `head`
         (extra heads, e.g. a point modality's occupancy head, read it too)."""
-        x = self.decoder_embed(latent)
+        x = linear(latent, self.decoder_embed, self.config.kernels)
         prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
         b, n = mask.ids_restore.shape
         filler = self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)

@@ -23,14 +23,41 @@ def sincos_1d(positions: Tensor, width: int) -> Tensor:
 
 
 class SinCosPosition(nn.Module):
+    """Integer coords (grid indices, the common case) read cached 1D tables
+    instead of recomputing float64 sines and cosines every step; any other
+    coords are computed directly. Both give the same values."""
+
+    MAX_ROWS = 8192  # integer coords spanning at most this many positions use the cache
+
     def __init__(self, width: int, num_coords: int):
         super().__init__()
         if width % (2 * num_coords):
             raise ValueError(f"width {width} must divide into {num_coords} even parts for a {num_coords}D sin-cos encoding")
         self.width, self.num_coords = width, num_coords
+        self._tables: dict[torch.device, tuple[int, Tensor]] = {}  # device -> (first position, [P, part])
+
+    def _table(self, device: torch.device, lo: int, hi: int) -> tuple[int, Tensor]:
+        first, table = self._tables.get(device, (lo, None))
+        if table is None or lo < first or hi >= first + table.shape[0]:
+            last = hi if table is None else max(hi, first + table.shape[0] - 1)
+            first = min(lo, first)
+            positions = torch.arange(first, last + 1, dtype=torch.float64, device=device)
+            table = sincos_1d(positions, self.width // self.num_coords)
+            self._tables[device] = (first, table)
+        return first, table
 
     def forward(self, coords: Tensor) -> Tensor:
         part = self.width // self.num_coords
+        if coords.numel() and not coords.requires_grad and (
+                not coords.is_floating_point() or torch.equal(coords, coords.round())):
+            lo, hi = float(coords.min()), float(coords.max())
+            cached = self._tables.get(coords.device)
+            span_lo = lo if cached is None else min(lo, cached[0])
+            span_hi = hi if cached is None else max(hi, cached[0] + cached[1].shape[0] - 1)
+            if span_hi - span_lo < self.MAX_ROWS:
+                first, table = self._table(coords.device, int(lo), int(hi))
+                index = coords.long() - first
+                return torch.cat([table[index[..., j]] for j in range(self.num_coords)], dim=-1)
         return torch.cat([sincos_1d(coords[..., j], part) for j in range(self.num_coords)], dim=-1)
 
 

@@ -65,6 +65,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_adamw(groups: list[dict], **options) -> torch.optim.AdamW:
+    """Fused AdamW where torch has it for the parameters' device (2-4x faster steps on CPU), else the default."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, ValueError, TypeError):  # e.g. FSDP's DTensor parameters
+        return torch.optim.AdamW(groups, **options)
+
+
 def warmup_cosine(step: int, warmup: int, total: int, base: float, floor: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -96,8 +104,8 @@ class Trainer:
         self.log = log if self.context.is_main else (lambda message: None)
         self.device = self.context.device
         self.model = wrap(model.to(self.device), self.context, config.strategy)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
-                                           betas=tuple(config.betas))
+        self.optimizer = make_adamw(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                    betas=tuple(config.betas))
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.skipped: Counter = Counter()
         self.records_seen = 0

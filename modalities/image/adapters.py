@@ -27,7 +27,7 @@ BUILTIN_SOURCES = {
 }
 SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
                   "moon", "page", "text", "coins", "horse", "brick", "grass", "gravel", "colorwheel", "retina",
-                  "clock", "cell", "microaneurysms", "logo", "motorcycle_left")
+                  "clock", "cell", "microaneurysms", "logo")
 MODES = {1: "L", 3: "RGB"}
 WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # 16-bit grey (PNG), scaled to 8 bits on decode
 

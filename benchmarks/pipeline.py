@@ -1,0 +1,150 @@
+"""The streaming data pipeline vs a loop that only decodes the same JPEGs.
+
+~500 JPEGs of 256x256, random crops of scikit-image's and scikit-learn's
+bundled photos, are written as WebDataset shards (pipelines/shards.py). The
+pipeline (pipelines/stream.py: ShardStream + make_loader with 2 workers)
+reads them: tar -> shuffle buffer -> decode -> random resized crop + flip ->
+patchify (224px, 16px patches) -> mask (0.75) -> batches of 32. The
+reference is a plain single-process loop that only decodes the same JPEG
+bytes (already in memory) with the image modality's decoder.
+
+Prints images/s of both, the ratio (target >= 0.9x: the pipeline keeps up
+with bare decoding), and the pipeline with ColorMAE's green-noise masker vs
+random masking (target: within 10%).
+
+    python benchmarks/pipeline.py [--images 500] [--workers 2] [--repeats 3] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PHOTOS, machine  # noqa: E402
+
+
+def photos() -> list[np.ndarray]:
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    arrays = [getattr(data, name)() for name in PHOTOS]
+    arrays += list(load_sample_images().images)
+    out = []
+    for array in arrays:
+        if array.dtype != np.uint8:
+            array = (array * 255).astype(np.uint8) if array.max() <= 1 else array.astype(np.uint8)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        out.append(np.ascontiguousarray(array[..., :3]))
+    return out
+
+
+def make_jpegs(count: int, size: int = 256, seed: int = 0) -> list[bytes]:
+    """`count` JPEGs (quality 90): random square crops (40-100% of the short side) resized to size^2."""
+    rng = np.random.default_rng(seed)
+    sources = photos()
+    out = []
+    for i in range(count):
+        array = sources[i % len(sources)]
+        h, w = array.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.4, 1.0))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(array[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        crop.save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def write(jpegs: list[bytes], folder: Path, per_shard: int) -> list[str]:
+    from polymae.pipelines.shards import write_shards
+
+    samples = ({"__key__": f"photo{i:05d}", "image.jpg": data} for i, data in enumerate(jpegs))
+    manifest = write_shards(samples, folder, prefix="train", max_count=per_shard, modality="image")
+    return [str(folder / shard["name"]) for shard in manifest["shards"]]
+
+
+def decode_only(modality, jpegs: list[bytes]) -> float:
+    start = time.perf_counter()
+    for i, data in enumerate(jpegs):
+        modality.decode({"__key__": f"photo{i:05d}", "image.jpg": data})
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def pipeline_pass(modality, shards: list[str], masker_name: str, batch: int, workers: int) -> tuple[float, int]:
+    from polymae.pipelines.stream import ShardStream, make_loader
+    from polymae.shared.masking import build_masker
+
+    stream = ShardStream(shards, modality, build_masker(masker_name, 0.75), batch_size=batch, train=True,
+                         shuffle_buffer=200, seed=0)
+    start = time.perf_counter()
+    images = skipped = 0
+    for b in make_loader(stream, num_workers=workers):
+        images += len(b)
+        skipped += sum(b.skipped.values())
+        assert len(b) == 0 or b.tokens.values.shape[1:] == (196, 768)
+    return images / (time.perf_counter() - start), skipped
+
+
+def main(argv=None) -> dict:
+    import polymae.modalities  # noqa: F401  (registers "image")
+    from polymae.shared.registry import MODALITIES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="120 images, one repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.per_shard, args.repeats = 120, 40, 1
+
+    modality = MODALITIES.get("image")({"image_size": [224, 224], "patch_size": 16})
+    jpegs = make_jpegs(args.images)
+    out = {"machine": machine(), "images": args.images, "workers": args.workers, "batch": args.batch,
+           "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024}
+    print(f"pipeline: {args.images} JPEGs 256px (~{out['jpeg_kb']:.0f} KB), batch {args.batch}, "
+          f"{args.workers} workers, {out['machine']['cpu']} ({out['machine']['cores']} cores, "
+          f"load {out['machine']['load_avg_1min']})")
+    rates = {"decode": [], "random": [], "green": []}
+    skipped = 0
+    with tempfile.TemporaryDirectory(prefix="polymae-bench-") as folder:
+        shards = write(jpegs, Path(folder), args.per_shard)
+        decode_only(modality, jpegs[:20])  # warm-up
+        for _ in range(args.repeats):  # interleaved, so load changes hit all three alike
+            rates["decode"].append(decode_only(modality, jpegs))
+            for masker in ("random", "green"):
+                rate, bad = pipeline_pass(modality, shards, masker, args.batch, args.workers)
+                rates[masker].append(rate)
+                skipped += bad
+    best = {k: max(v) for k, v in rates.items()}
+    out.update({f"{k}_images_per_s": v for k, v in best.items()})
+    out["all_runs"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
+    out["ratio"] = best["random"] / best["decode"]
+    out["green_vs_random"] = best["green"] / best["random"]
+    out["skipped"] = skipped
+    print(f"  decode only (1 process): {best['decode']:.1f} img/s; pipeline, random masking: "
+          f"{best['random']:.1f} img/s -> {out['ratio']:.2f}x (target >= 0.9x)")
+    print(f"  pipeline, ColorMAE green masking: {best['green']:.1f} img/s -> {out['green_vs_random']:.2f}x random "
+          f"(target within 10%); runs (img/s): {out['all_runs']}; skipped records: {skipped}")
+    ok = out["ratio"] >= 0.9 and abs(out["green_vs_random"] - 1) <= 0.10
+    out["verdict"] = (f"{'PASS' if ok else 'FAIL'}: pipeline with {args.workers} workers runs at "
+                      f"{out['ratio']:.2f}x of decode-only (target >= 0.9x); green masking "
+                      f"{out['green_vs_random']:.2f}x random (target 0.9-1.1x)")
+    print(out["verdict"])
+    return out
+
+
+if __name__ == "__main__":
+    main()

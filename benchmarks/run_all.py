@@ -1,0 +1,146 @@
+"""Run every benchmark (what `make bench` calls) and rewrite benchmarks/README.md with the figures.
+
+    python benchmarks/run_all.py [--quick] [--threads auto|N] [--only train_step,visible_only,pipeline]
+
+Each benchmark runs in this process with a time budget so the whole run
+stays under 10 minutes on a 2-core CPU; each prints its own figures and a
+one-line verdict. The README keeps what is written above its results
+marker and gets the latest figures, the date and the machine below it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+MARKER = "<!-- results: written by benchmarks/run_all.py; everything below this line is replaced -->"
+
+
+def plans(quick: bool, threads: str) -> dict[str, list[str]]:
+    if quick:
+        return {"train_step": ["--quick", "--threads", threads], "visible_only": ["--quick", "--threads", threads],
+                "pipeline": ["--quick"]}
+    return {"train_step": ["--seconds", "70", "--threads", threads],
+            "visible_only": ["--seconds", "30", "--threads", threads],
+            "pipeline": ["--repeats", "3"]}
+
+
+def run(names: list[str], quick: bool, threads: str) -> dict:
+    results = {}
+    for name, argv in plans(quick, threads).items():
+        if name not in names:
+            continue
+        print(f"\n== {name} {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        try:
+            module = __import__(name)
+            results[name] = module.main(argv)
+        except Exception as error:  # noqa: BLE001  one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            results[name] = {"verdict": f"ERROR: {type(error).__name__}: {error}"}
+        results[name]["seconds"] = time.perf_counter() - start
+    return results
+
+
+def fmt(value, spec=".2f"):
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def train_step_section(r: dict) -> list[str]:
+    lines = ["### train_step: polymae vs Hugging Face ViTMAEForPreTraining", "",
+             f"ViT-S/16 MAE at 224px (HF's architecture), mask 0.75, norm-pix loss, batch {r.get('batch')}, "
+             f"AdamW, forward + backward + step; {r.get('threads_note', '')}. Matmul limit in-process: "
+             f"bf16 {fmt(r.get('bf16_matmul_gflops'), '.0f')} GFLOP/s, fp32 {fmt(r.get('fp32_matmul_gflops'), '.0f')} "
+             f"GFLOP/s (2048^3 torch.mm); the model's matmuls: "
+             f"{fmt(r.get('model_matmul_gflop_per_step'), '.1f')} GFLOP per step.", "",
+             "| precision | HF img/s | polymae img/s | ratio | target | HF fwd/bwd/opt s | polymae fwd/bwd/opt s "
+             "| bf16 limit reached (HF / polymae) | first-step loss HF / polymae (rel diff) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for precision in ("bf16", "fp32"):
+        p = r.get(precision)
+        if not p:
+            continue
+        h, m = p["hf"], p["polymae"]
+        lines.append(
+            f"| {precision} | {h['images_per_s']:.2f} | {m['images_per_s']:.2f} | **{p['ratio']:.2f}x** | "
+            f"{'2.0' if precision == 'bf16' else '1.2'}x | {h['forward_s']:.2f} / {h['backward_s']:.2f} / "
+            f"{h['optimizer_s']:.3f} | {m['forward_s']:.2f} / {m['backward_s']:.2f} / {m['optimizer_s']:.3f} | "
+            f"{p['bf16_limit_fraction']['hf']:.1%} / {p['bf16_limit_fraction']['polymae']:.1%} | "
+            f"{p['first_loss']['hf']:.6f} / {p['first_loss']['polymae']:.6f} ({p['first_loss_rel_diff']:.1e}) |")
+    return lines
+
+
+def visible_only_section(r: dict) -> list[str]:
+    lines = ["### visible_only: encoder on visible tokens (MAE) vs mask tokens in the encoder (SimMIM style)", "",
+             f"ViT-B/16 at 224px + 512-wide decoder x {r.get('decoder_depth')}, bf16 autocast, batch "
+             f"{r.get('batch')}, one training step; {r.get('threads_note', '')}.", "",
+             "| mask ratio | visible tokens | visible-only s/step | all tokens s/step | step speed-up | "
+             "FLOPs predict | encoder fwd+bwd speed-up | FLOPs predict |", "|---|---|---|---|---|---|---|---|"]
+    for key, v in r.items():
+        if key[:1].isdigit() and isinstance(v, dict):
+            lines.append(f"| {key} | {v['visible_tokens']} | {v['visible_step_s']:.2f} | {v['all_step_s']:.2f} | "
+                         f"**{v['step_speedup']:.2f}x** | {v['flop_ratio_step']:.2f}x | {v['encoder_speedup']:.2f}x | "
+                         f"{v['flop_ratio_encoder']:.2f}x |")
+    return lines
+
+
+def pipeline_section(r: dict) -> list[str]:
+    if "ratio" not in r:
+        return ["### pipeline", ""]
+    return ["### pipeline: shards -> decode -> augment -> tokenize -> mask -> batch vs decode only", "",
+            f"{r['images']} JPEGs of 256px (~{r['jpeg_kb']:.0f} KB) in WebDataset shards, batch {r['batch']}, "
+            f"{r['workers']} DataLoader workers; best of the interleaved runs.", "",
+            "| decode only (1 process) img/s | pipeline, random mask img/s | ratio (target >= 0.9x) | "
+            "pipeline, green (ColorMAE) mask img/s | green / random (target 0.9-1.1x) |", "|---|---|---|---|---|",
+            f"| {r['decode_images_per_s']:.0f} | {r['random_images_per_s']:.0f} | **{r['ratio']:.2f}x** | "
+            f"{r['green_images_per_s']:.0f} | **{r['green_vs_random']:.2f}x** |"]
+
+
+def write_readme(results: dict, quick: bool) -> Path:
+    path = HERE / "README.md"
+    head = path.read_text().split(MARKER)[0].rstrip() if path.exists() else "# Benchmarks"
+    m = common.machine()
+    first = next((r.get("machine") for r in results.values() if isinstance(r, dict) and r.get("machine")), m)
+    lines = [head, "", MARKER, "",
+             f"## Latest figures ({datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}"
+             f"{', --quick: smoke sizes, not comparable' if quick else ''})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores ({m['isa']}), torch {m['torch']}; 1-minute load average "
+             f"{first.get('load_avg_1min')} at the start (the cores are shared: figures move with the load, "
+             "the ratios much less, since each benchmark alternates its contenders step by step).", "",
+             "Verdicts:", ""]
+    lines += [f"- {name}: {r.get('verdict', 'n/a')} ({r.get('seconds', 0):.0f} s)" for name, r in results.items()]
+    lines.append("")
+    sections = {"train_step": train_step_section, "visible_only": visible_only_section, "pipeline": pipeline_section}
+    for name, r in results.items():
+        if "verdict" in r and not r["verdict"].startswith("ERROR"):
+            lines += sections[name](r) + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", default="auto")
+    parser.add_argument("--only", default="train_step,visible_only,pipeline")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    note = common.set_threads(args.threads)  # decided once, so every benchmark runs with the same threads
+    print(f"run_all: {note}")
+    results = run(args.only.split(","), args.quick, str(common.torch.get_num_threads()))
+    path = write_readme(results, args.quick)
+    print(f"\nall benchmarks: {time.perf_counter() - start:.0f} s; figures written to {path}")
+    for name, r in results.items():
+        print(f"  {name}: {r.get('verdict')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Hugging Face ViTMAE interop: import a `ViTMAEForPreTraining` into polymae and export back.
+
+    from_hf_vitmae(hf_model_or_state_dict, hf_config) -> MaskedAutoencoder
+    to_hf_vitmae(model)                                 -> ViTMAEForPreTraining state dict
+    to_hf_vitmae(model, encoder_only=True)              -> ViTMAEModel state dict
+    hf_config_for(model, **config_overrides)            -> a matching ViTMAEConfig
+    hf_noise_to_mask(noise, mask_ratio)                 -> the Mask HF's forward(noise=...) makes
+    fill_hf_sincos_tables(hf_model)                     -> fixed tables for a model built from a config
+
+The two models are the same network written two ways:
+
+- patch embedding: HF's Conv2d weight [D, C, p, p] over [C, H, W] pixels is
+  polymae's Linear weight [D, p*p*C] over patchified tokens laid out
+  (dy, dx, c): `W_lin = W_conv.permute(0, 2, 3, 1).reshape(D, -1)`;
+- attention: HF's separate q/k/v projections are polymae's fused `qkv` (rows q, k, v);
+- positions: HF's fixed 2D sin-cos tables, [sin x | cos x | sin y | cos y] per
+  row-major patch with x = column, are exactly polymae's `SinCosPosition` on
+  coords (x, y) = (col, row); a table that is not sin-cos imports as a learned one;
+- the cls token: HF adds the (zero) row 0 of its table to it; polymae folds it in;
+- masking: HF keeps the `int(N * (1 - mask_ratio))` lowest-noise patches, as
+  `Mask.from_scores(noise, N - that)` does (it hides the highest scores).
+  polymae's maskers hide `round(ratio * N)`: the same count at 0.75 (147 of
+  196), one more visible token at 0.9 (HF keeps 19, polymae 20).
+
+`transformers` is an optional extra: it is imported inside functions only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .model import MaskedAutoencoder, ModelConfig
+from .position import LearnedPosition, SinCosPosition
+
+# polymae block key suffix -> HF layer key suffix (one-to-one renames; qkv is split separately)
+_BLOCK_RENAMES = {
+    "norm1.weight": "layernorm_before.weight", "norm1.bias": "layernorm_before.bias",
+    "norm2.weight": "layernorm_after.weight", "norm2.bias": "layernorm_after.bias",
+    "attn.proj.weight": "attention.o_proj.weight", "attn.proj.bias": "attention.o_proj.bias",
+    "mlp.0.weight": "mlp.fc1.weight", "mlp.0.bias": "mlp.fc1.bias",
+    "mlp.2.weight": "mlp.fc2.weight", "mlp.2.bias": "mlp.fc2.bias",
+}
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def grid_coords(grid: tuple[int, int]) -> Tensor:
+    """Row-major patch coords (x, y) = (col, row), as the image tokenizer makes them."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return torch.stack([cols.flatten(), rows.flatten()], dim=-1).float()
+
+
+def _mlp_ratio(hidden: int, width: int, where: str) -> float:
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise ValueError(f"{where}: an MLP of {hidden} for width {width} is not expressible as a ratio")
+    return ratio
+
+
+def model_kwargs_from_hf(hf_config: Any) -> dict:
+    """ViTMAEConfig -> keyword arguments of `MaskedAutoencoder` (d_in, num_coords, config, grid)."""
+    c = hf_config
+    if getattr(c, "hidden_act", "gelu") != "gelu":
+        raise ValueError(f"polymae blocks use exact GELU; the HF config has hidden_act={c.hidden_act!r}")
+    image, patch = _pair(c.image_size), _pair(c.patch_size)
+    if patch[0] != patch[1]:
+        raise ValueError(f"polymae image tokens use square patches; the HF config has patch_size={c.patch_size}")
+    grid = (image[0] // patch[0], image[1] // patch[1])
+    config = ModelConfig(
+        width=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads,
+        mlp_ratio=_mlp_ratio(c.intermediate_size, c.hidden_size, "intermediate_size"),
+        decoder_width=c.decoder_hidden_size, decoder_depth=c.decoder_num_hidden_layers,
+        decoder_heads=c.decoder_num_attention_heads,
+        decoder_mlp_ratio=_mlp_ratio(c.decoder_intermediate_size, c.decoder_hidden_size, "decoder_intermediate_size"),
+        position="sincos", cls_token=True, layer_norm_eps=c.layer_norm_eps)
+    return {"d_in": patch[0] * patch[1] * c.num_channels, "num_coords": 2, "config": config, "grid": grid}
+
+
+def _table_kind(table: Tensor, grid: tuple[int, int]) -> str:
+    """'sincos' when an HF position table (without its cls row) is polymae's fixed sin-cos encoding."""
+    expected = SinCosPosition(table.shape[-1], 2)(grid_coords(grid))
+    return "sincos" if torch.allclose(table.float(), expected, atol=1e-5) else "learned"
+
+
+def _learned_rows(position: nn.Module, grid: tuple[int, int]) -> Tensor:
+    """Indices into a LearnedPosition table of the row-major patches."""
+    coords = grid_coords(grid)
+    return (coords.round().long() * position.strides).sum(-1)
+
+
+def _state_dict_of(hf_model_or_state_dict) -> dict[str, Tensor]:
+    if isinstance(hf_model_or_state_dict, nn.Module):
+        return hf_model_or_state_dict.state_dict()
+    return dict(hf_model_or_state_dict)
+
+
+def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only: bool = False, **overrides):
+    """A `ViTMAEForPreTraining` (model or state dict) -> a polymae `MaskedAutoencoder` with the same weights.
+
+    `hf_config` defaults to the model's own config. With `kwargs_only=True`
+    returns just the `MaskedAutoencoder` keyword arguments. `overrides` set
+    ModelConfig fields that HF has no notion of (`pool`, `kernels`). A
+    `ViTMAEModel` (encoder only) imports too: the decoder keeps its fresh init.
+    """
+    if hf_config is None:
+        hf_config = getattr(hf_model_or_state_dict, "config", None)
+        if hf_config is None:
+            raise ValueError("from_hf_vitmae needs the ViTMAEConfig when given a bare state dict")
+    kwargs = model_kwargs_from_hf(hf_config)
+    hf = _state_dict_of(hf_model_or_state_dict)
+    if not any(k.startswith("vit.") for k in hf):           # a ViTMAEModel: encoder keys without "vit."
+        hf = {f"vit.{k}": v for k, v in hf.items()}
+    grid, width = kwargs["grid"], kwargs["config"].width
+    pos = hf["vit.embeddings.position_embeddings"][0]
+    encoder_kind = _table_kind(pos[1:], grid)
+    has_decoder = "decoder.decoder_embed.weight" in hf
+    decoder_kind = _table_kind(hf["decoder.decoder_pos_embed"][0, 1:], grid) if has_decoder else "sincos"
+    if has_decoder and hf["decoder.decoder_pos_embed"][0, 0].abs().max() > 0:
+        raise ValueError("the HF decoder position table has a non-zero cls row; polymae adds no position to "
+                         "the decoder's cls token, so this model cannot be represented exactly")
+    config = kwargs["config"]
+    kwargs["config"] = ModelConfig(**{**config.__dict__, "position": encoder_kind, **overrides})
+    if kwargs_only:
+        return kwargs
+    model = MaskedAutoencoder(**kwargs)
+    if decoder_kind != encoder_kind:  # the config has one `position`; the decoder's table can differ
+        model.decoder_position = (LearnedPosition(config.decoder_width, grid) if decoder_kind == "learned"
+                                  else SinCosPosition(config.decoder_width, 2))
+    model.load_state_dict(state_dict_from_hf(hf, model), strict=has_decoder)
+    return model
+
+
+def state_dict_from_hf(hf: dict[str, Tensor], model: MaskedAutoencoder) -> dict[str, Tensor]:
+    """HF ViTMAEForPreTraining keys -> polymae keys for `model` (built by `from_hf_vitmae`)."""
+    out: dict[str, Tensor] = {}
+    grid = model.grid
+    conv = hf["vit.embeddings.patch_embeddings.projection.weight"]              # [D, C, p, p]
+    out["input_adapter.embed.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1).clone()
+    out["input_adapter.embed.bias"] = hf["vit.embeddings.patch_embeddings.projection.bias"].clone()
+    pos = hf["vit.embeddings.position_embeddings"][0]
+    out["cls_token"] = (hf["vit.embeddings.cls_token"] + pos[0]).clone()
+    if isinstance(model.input_adapter.position, LearnedPosition):
+        table = torch.zeros_like(model.input_adapter.position.table)
+        table[_learned_rows(model.input_adapter.position, grid)] = pos[1:]
+        out["input_adapter.position.table"] = table
+    out.update(_blocks_from_hf(hf, "vit.layers", "blocks", model.config.depth))
+    out["norm.weight"], out["norm.bias"] = hf["vit.layernorm.weight"].clone(), hf["vit.layernorm.bias"].clone()
+    if "decoder.decoder_embed.weight" not in hf:
+        return out
+    for name in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias",
+                 "mask_token"):
+        out[name] = hf[f"decoder.{name}"].clone()
+    out["head.weight"] = hf["decoder.decoder_pred.weight"].clone()
+    out["head.bias"] = hf["decoder.decoder_pred.bias"].clone()
+    if isinstance(model.decoder_position, LearnedPosition):
+        table = torch.zeros_like(model.decoder_position.table)
+        table[_learned_rows(model.decoder_position, grid)] = hf["decoder.decoder_pos_embed"][0, 1:]
+        out["decoder_position.table"] = table
+    out.update(_blocks_from_hf(hf, "decoder.decoder_layers", "decoder_blocks", model.config.decoder_depth))
+    return out
+
+
+def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict[str, Tensor]:
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}.{i}", f"{dst}.{i}"
+        for ours, theirs in _BLOCK_RENAMES.items():
+            out[f"{d}.{ours}"] = hf[f"{s}.{theirs}"].clone()
+        q = [hf[f"{s}.attention.{n}_proj.weight"] for n in "qkv"]
+        out[f"{d}.attn.qkv.weight"] = torch.cat(q, dim=0)
+        biases = [hf.get(f"{s}.attention.{n}_proj.bias") for n in "qkv"]
+        out[f"{d}.attn.qkv.bias"] = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                                               for b, w in zip(biases, q)])
+    return out
+
+
+def _blocks_to_hf(ours: dict, src: str, dst: str, depth: int) -> dict[str, Tensor]:
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}.{i}", f"{dst}.{i}"
+        for mine, theirs in _BLOCK_RENAMES.items():
+            out[f"{d}.{theirs}"] = ours[f"{s}.{mine}"].clone()
+        for name, part in zip("qkv", ours[f"{s}.attn.qkv.weight"].chunk(3, dim=0)):
+            out[f"{d}.attention.{name}_proj.weight"] = part.clone()
+        for name, part in zip("qkv", ours[f"{s}.attn.qkv.bias"].chunk(3, dim=0)):
+            out[f"{d}.attention.{name}_proj.bias"] = part.clone()
+    return out
+
+
+def infer_patch(d_in: int, channels: int | None = None) -> tuple[int, int]:
+    """(patch_size, channels) with p*p*C = d_in, trying RGB first, then grey."""
+    for c in ([channels] if channels else [3, 1]):
+        p = math.isqrt(d_in // c)
+        if p * p * c == d_in:
+            return p, c
+    raise ValueError(f"token width {d_in} is not patch_size^2 * channels; pass patch_size and channels")
+
+
+def _check_exportable(model: MaskedAutoencoder) -> None:
+    if model.cls_token is None:
+        raise ValueError("HF ViTMAE has a cls token; this polymae model was built with cls_token=False")
+    if model.grid is None or len(model.grid) != 2:
+        raise ValueError("export needs the model's 2D token grid (build it with grid=(h, w))")
+    if not isinstance(model.input_adapter.embed, nn.Linear):
+        raise ValueError("export needs a Linear token embedding (the image input adapter's)")
+    for name in ("blocks", "decoder_blocks"):
+        if len({tuple(b.mlp[0].weight.shape) for b in getattr(model, name)}) > 1:
+            raise ValueError(f"HF ViTMAE needs one MLP width across {name}")
+
+
+def to_hf_vitmae(model: MaskedAutoencoder, *, encoder_only: bool = False, patch_size: int | None = None,
+                 channels: int | None = None) -> dict[str, Tensor]:
+    """A polymae image MAE -> state dict for `ViTMAEForPreTraining` (or `ViTMAEModel` with encoder_only).
+
+    Position tables are written from the model's own position modules at the
+    row-major grid coords, with a zero cls row, so any polymae position
+    encoding exports; HF uses them as a fixed table.
+    """
+    _check_exportable(model)
+    p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    coords = grid_coords(model.grid)
+    out: dict[str, Tensor] = {}
+    weight = ours["input_adapter.embed.weight"]
+    out["vit.embeddings.patch_embeddings.projection.weight"] = (
+        weight.reshape(weight.shape[0], p, p, c).permute(0, 3, 1, 2).contiguous())
+    out["vit.embeddings.patch_embeddings.projection.bias"] = ours["input_adapter.embed.bias"].clone()
+    out["vit.embeddings.cls_token"] = ours["cls_token"].clone()
+    with torch.no_grad():
+        enc = model.input_adapter.position(coords).float()
+        out["vit.embeddings.position_embeddings"] = torch.cat([enc.new_zeros(1, enc.shape[-1]), enc])[None]
+        dec = model.decoder_position(coords).float()
+    out.update(_blocks_to_hf(ours, "blocks", "vit.layers", model.config.depth))
+    out["vit.layernorm.weight"], out["vit.layernorm.bias"] = ours["norm.weight"].clone(), ours["norm.bias"].clone()
+    if encoder_only:
+        return {k[len("vit."):]: v for k, v in out.items()}
+    for name in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias",
+                 "mask_token"):
+        out[f"decoder.{name}"] = ours[name].clone()
+    out["decoder.decoder_pos_embed"] = torch.cat([dec.new_zeros(1, dec.shape[-1]), dec])[None]
+    out.update(_blocks_to_hf(ours, "decoder_blocks", "decoder.decoder_layers", model.config.decoder_depth))
+    out["decoder.decoder_pred.weight"] = ours["head.weight"].clone()
+    out["decoder.decoder_pred.bias"] = ours["head.bias"].clone()
+    return out
+
+
+def hf_config_for(model: MaskedAutoencoder, patch_size: int | None = None, channels: int | None = None,
+                  **overrides):
+    """A `ViTMAEConfig` with `model`'s architecture (mask_ratio, norm_pix_loss etc. via overrides)."""
+    from transformers import ViTMAEConfig
+
+    _check_exportable(model)
+    p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
+    h, w = model.grid
+    if h != w:
+        raise ValueError(f"HF ViTMAE needs a square token grid; this model's is {h}x{w}")
+    cfg = model.config
+    return ViTMAEConfig(**{
+        "hidden_size": cfg.width, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
+        "intermediate_size": model.blocks[0].mlp[0].out_features if cfg.depth else int(cfg.width * cfg.mlp_ratio),
+        "decoder_hidden_size": cfg.decoder_width, "decoder_num_hidden_layers": cfg.decoder_depth,
+        "decoder_num_attention_heads": cfg.decoder_heads,
+        "decoder_intermediate_size": (model.decoder_blocks[0].mlp[0].out_features if cfg.decoder_depth
+                                      else int(cfg.decoder_width * cfg.decoder_mlp_ratio)),
+        "layer_norm_eps": cfg.layer_norm_eps, "image_size": h * p, "patch_size": p, "num_channels": c,
+        "hidden_act": "gelu", "qkv_bias": True, **overrides})
+
+
+def fill_hf_sincos_tables(hf_model) -> None:
+    """Write the fixed 2D sin-cos tables (zero cls row) into a ViTMAEModel / ViTMAEForPreTraining.
+
+    transformers 5.x leaves both tables at zero in a model built from a config
+    (its post-init marks the patch projection initialised before the embedding
+    module gets to fill the table, then zeroes the decoder's); pretrained
+    checkpoints carry the right tables. The values are HF's own definition
+    (tests/test_hf_interop.py checks them against HF's initialiser).
+    """
+    base = getattr(hf_model, "vit", hf_model)
+    image, patch = _pair(base.config.image_size), _pair(base.config.patch_size)
+    coords = grid_coords((image[0] // patch[0], image[1] // patch[1]))
+    tables = [base.embeddings.position_embeddings]
+    if hasattr(hf_model, "decoder"):
+        tables.append(hf_model.decoder.decoder_pos_embed)
+    with torch.no_grad():
+        for table in tables:
+            values = SinCosPosition(table.shape[-1], 2)(coords)
+            table.copy_(torch.cat([values.new_zeros(1, values.shape[-1]), values])[None].to(table.dtype))
+
+
+def hf_noise_to_mask(noise: Tensor, mask_ratio: float):
+    """The polymae Mask that HF's `random_masking(noise)` makes for `mask_ratio`."""
+    from .tokens import Mask
+
+    n = noise.shape[-1]
+    keep = int(n * (1 - mask_ratio))
+    return Mask.from_scores(noise, n - keep)
