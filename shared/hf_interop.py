@@ -78,7 +78,8 @@ def model_kwargs_from_hf(hf_config: Any) -> dict:
         decoder_heads=c.decoder_num_attention_heads,
         decoder_mlp_ratio=_mlp_ratio(c.decoder_intermediate_size, c.decoder_hidden_size, "decoder_intermediate_size"),
         position="sincos", cls_token=True, layer_norm_eps=c.layer_norm_eps)
-    return {"d_in": patch[0] * patch[1] * c.num_channels, "num_coords": 2, "config": config, "grid": grid}
+    # the model's grid is the extent of each coord: (x, y) runs over (w, h)
+    return {"d_in": patch[0] * patch[1] * c.num_channels, "num_coords": 2, "config": config, "grid": grid[::-1]}
 
 
 def _table_kind(table: Tensor, grid: tuple[int, int]) -> str:
@@ -91,6 +92,11 @@ def _learned_rows(position: nn.Module, grid: tuple[int, int]) -> Tensor:
     """Indices into a LearnedPosition table of the row-major patches."""
     coords = grid_coords(grid)
     return (coords.round().long() * position.strides).sum(-1)
+
+
+def token_grid(model: MaskedAutoencoder) -> tuple[int, int]:
+    """(h, w) of an image model, whose `grid` holds the extents of its (x, y) coords."""
+    return tuple(model.grid[::-1])
 
 
 def _state_dict_of(hf_model_or_state_dict) -> dict[str, Tensor]:
@@ -115,7 +121,7 @@ def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only
     hf = _state_dict_of(hf_model_or_state_dict)
     if not any(k.startswith("vit.") for k in hf):           # a ViTMAEModel: encoder keys without "vit."
         hf = {f"vit.{k}": v for k, v in hf.items()}
-    grid, width = kwargs["grid"], kwargs["config"].width
+    grid = kwargs["grid"][::-1]  # (h, w) of the token grid
     pos = hf["vit.embeddings.position_embeddings"][0]
     encoder_kind = _table_kind(pos[1:], grid)
     has_decoder = "decoder.decoder_embed.weight" in hf
@@ -129,7 +135,7 @@ def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only
         return kwargs
     model = MaskedAutoencoder(**kwargs)
     if decoder_kind != encoder_kind:  # the config has one `position`; the decoder's table can differ
-        model.decoder_position = (LearnedPosition(config.decoder_width, grid) if decoder_kind == "learned"
+        model.decoder_position = (LearnedPosition(config.decoder_width, kwargs["grid"]) if decoder_kind == "learned"
                                   else SinCosPosition(config.decoder_width, 2))
     model.load_state_dict(state_dict_from_hf(hf, model), strict=has_decoder)
     return model
@@ -138,7 +144,7 @@ def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only
 def state_dict_from_hf(hf: dict[str, Tensor], model: MaskedAutoencoder) -> dict[str, Tensor]:
     """HF ViTMAEForPreTraining keys -> polymae keys for `model` (built by `from_hf_vitmae`)."""
     out: dict[str, Tensor] = {}
-    grid = model.grid
+    grid = token_grid(model)
     conv = hf["vit.embeddings.patch_embeddings.projection.weight"]              # [D, C, p, p]
     out["input_adapter.embed.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1).clone()
     out["input_adapter.embed.bias"] = hf["vit.embeddings.patch_embeddings.projection.bias"].clone()
@@ -224,7 +230,7 @@ def to_hf_vitmae(model: MaskedAutoencoder, *, encoder_only: bool = False, patch_
     _check_exportable(model)
     p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
     ours = {k: v.detach() for k, v in model.state_dict().items()}
-    coords = grid_coords(model.grid)
+    coords = grid_coords(token_grid(model))
     out: dict[str, Tensor] = {}
     weight = ours["input_adapter.embed.weight"]
     out["vit.embeddings.patch_embeddings.projection.weight"] = (
@@ -256,7 +262,7 @@ def hf_config_for(model: MaskedAutoencoder, patch_size: int | None = None, chann
 
     _check_exportable(model)
     p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
-    h, w = model.grid
+    h, w = token_grid(model)
     if h != w:
         raise ValueError(f"HF ViTMAE needs a square token grid; this model's is {h}x{w}")
     cfg = model.config

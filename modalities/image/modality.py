@@ -105,6 +105,11 @@ class ImageModality(Modality):
         p = self.options.patch_size
         return (self.options.image_size[0] // p, self.options.image_size[1] // p)
 
+    @property
+    def coord_extents(self):
+        """Coords are (x, y) = (col, row): x runs over the grid's width."""
+        return self.grid[::-1]
+
     # -- pictures ---------------------------------------------------------------
     def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8):
         """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted back)."""
