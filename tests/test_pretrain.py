@@ -33,7 +33,8 @@ def test_a_few_steps_on_real_images_lower_the_loss(tmp_path, digits_shards):
 
     picture = reconstruct(run_dir, tmp_path / "recon.png", rows=4)
     image = Image.open(picture)
-    assert image.width == 3 * image.height // 4  # 4 rows of original | masked | reconstruction
+    # 4 rows x (original | masked | reconstruction), 96-px cells (8 px x 12) with 4-px gaps
+    assert image.size == (3 * 96 + 4 * 4, 4 * 96 + 5 * 4)
 
 
 def test_default_pretrain_command_runs_end_to_end(tmp_path):

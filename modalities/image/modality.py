@@ -112,14 +112,22 @@ class ImageModality(Modality):
 
     # -- pictures ---------------------------------------------------------------
     def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8):
-        """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted back)."""
+        """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted
+        back), each cell scaled to about 96 px and set apart by a white gap."""
         values, hidden = tokens.values[:rows].float(), mask.hidden[:rows].unsqueeze(-1)
         pred = pred[:rows].float()
-        grey = torch.zeros_like(values)
+        grey = torch.zeros_like(values)  # the normalised mean: mid grey
         panels = [values, torch.where(hidden, grey, values), torch.where(hidden, pred, values)]
         images = [self.untokenize(Tokens(p, tokens.coords[:rows], grid=tokens.grid)) for p in panels]
-        grid = torch.cat([torch.cat(list(img), dim=-1) for img in zip(*images)], dim=-2)  # rows x 3
-        array = grid.permute(1, 2, 0).numpy()
-        picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        scale = max(1, 96 // self.options.image_size[0])
-        return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        height, width = self.options.image_size
+        scale = max(1, 96 // max(height, width))
+        cell_h, cell_w, gap = height * scale, width * scale, 4
+        n = images[0].shape[0]
+        picture = Image.new("RGB", (3 * cell_w + 4 * gap, n * cell_h + (n + 1) * gap), "white")
+        for row in range(n):
+            for column, panel in enumerate(images):
+                array = panel[row].permute(1, 2, 0).numpy()
+                cell = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+                picture.paste(cell.resize((cell_w, cell_h), Image.NEAREST),
+                              (gap + column * (cell_w + gap), gap + row * (cell_h + gap)))
+        return picture
