@@ -62,7 +62,8 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInput(source, f"cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from None
     if min(image.height, image.width) < min_side:
-        raise BadInput(source, f"image {image.width}x{image.height} is smaller than one {min_side}px patch",
+        raise BadInput(source, f"image {image.width}x{image.height} is smaller than one {min_side}px patch "
+                       "(a smaller modality_options.patch_size, or `polymae shard --option patch_size=N`, fits it)",
                        "too_small")
     array = np.array(image)  # a writable copy: np.asarray of a PIL image is read-only
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
