@@ -79,16 +79,6 @@ def hard_timeout(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is as fast, and on shared cores two
-    OpenMP threads make each step some 100x slower (measured: 13 s vs 0.15 s for 6 steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
     """64x64 crops of scikit-image photos: RGB and grey."""

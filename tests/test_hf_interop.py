@@ -24,14 +24,6 @@ IMAGE, PATCH, RATIO = 32, 8, 0.75
 N = (IMAGE // PATCH) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_config(norm_pix: bool, **overrides):
     return transformers.ViTMAEConfig(**{
         "image_size": IMAGE, "patch_size": PATCH, "num_channels": 3, "hidden_size": 64, "num_hidden_layers": 2,

@@ -10,14 +10,6 @@ from polymae.shared import kernels
 from polymae.shared.kernels import attention, linear, self_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def grads_of(fn, *tensors):
     for t in tensors:
         t.grad = None
