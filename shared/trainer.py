@@ -206,7 +206,8 @@ class Trainer:
         window_start, window_samples, last_loss, micro = time.perf_counter(), 0, float("nan"), 0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stop = False
+        stop = self.step >= c.max_steps  # a finished run, resumed: nothing left to train
+        batch = out = None
         try:
             while not stop:
                 produced = 0
@@ -273,7 +274,7 @@ class Trainer:
                         raise TrainingError("the data stream produced no batches: are the shards empty?")
             if self.step % c.ckpt_every:  # the final state, unless that step was just saved
                 self.save()
-            if main and self.picture_fn is not None:
+            if main and self.picture_fn is not None and out is not None:
                 self.save_picture(batch, out, "reconstruction.png")
         finally:
             bar.close()
