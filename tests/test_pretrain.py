@@ -51,3 +51,12 @@ def test_default_pretrain_command_runs_end_to_end(tmp_path):
         assert 0.0 <= summary["probe"][features]["linear"] <= 1.0
         assert summary["probe"][features]["val_samples"] > 300
     assert "pretrained" in result.stdout and "kNN" in result.stdout
+
+
+def test_gradient_accumulation_takes_accum_steps_batches_per_step(tmp_path, digits_shards):
+    config = load_config(None, [f"data.shards={digits_shards}", "data.source=null", f"out_dir={tmp_path}",
+                                "trainer.max_steps=5", "trainer.accum_steps=3", "data.batch_size=32",
+                                "data.num_workers=0", "probe.enabled=false", "model.depth=2"])
+    summary = pretrain(config)
+    assert summary["steps"] == 5
+    assert summary["records_seen"] == 5 * 3 * 32
