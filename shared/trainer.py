@@ -163,8 +163,8 @@ class Trainer:
             skipped.update(rank_skipped)
         return seen, dict(skipped)
 
-    def check_bad_fraction(self) -> None:
-        seen, skipped = self.record_counts()
+    def check_bad_fraction(self, seen: int, skipped: dict[str, int]) -> None:
+        """Stop the run when bad records pass `max_bad_fraction` (counts from `record_counts`)."""
         bad = sum(skipped.values())
         if bad + seen >= MIN_RECORDS_FOR_BAD_FRACTION and bad / (bad + seen) > self.config.max_bad_fraction:
             raise TrainingError(f"{bad} of {bad + seen} records were bad ({skipped}), more than "
@@ -249,7 +249,7 @@ class Trainer:
                         now = time.perf_counter()
                         rate = all_reduce(torch.tensor(window_samples / max(now - window_start, 1e-9)), "sum")
                         window_start, window_samples = now, 0
-                        self.check_bad_fraction()
+                        self.check_bad_fraction(*self.record_counts())
                         if main:
                             record = {"step": self.step, "loss": last_loss, "lr": lr, "samples_per_s": rate.item(),
                                       "epoch": self.epoch, "elapsed_s": now - started,
@@ -289,7 +289,7 @@ class Trainer:
         if skipped:
             self.log(f"skipped {sum(skipped.values())} bad records: "
                      + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
-        self.check_bad_fraction()
+        self.check_bad_fraction(seen, skipped)
         return summary
 
     def replica_check(self) -> dict:
