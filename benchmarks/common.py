@@ -15,8 +15,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from polymae.shared.memory import reuse_freed_memory
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# as the trainer and the data loader do: every contender in the process gets it (shared/memory.py)
+reuse_freed_memory()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

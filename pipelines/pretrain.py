@@ -17,7 +17,7 @@ from polymae.shared.trainer import Trainer
 from .probe import format_probe, probe
 from .runs import RunParts, build_parts, load_run, split_shards
 from .shards import manifest_counts
-from .stream import ShardStream, make_loader
+from .stream import Loader, ShardStream
 
 
 def new_run_dir(config: Config) -> Path:
@@ -83,7 +83,7 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
 
     def batches(epoch: int, start: int):
         stream.set_epoch(epoch)
-        for i, batch in enumerate(make_loader(stream, data.num_workers)):
+        for i, batch in enumerate(Loader(stream, data.num_workers, device=context.device)):
             if i >= start:  # resuming mid-epoch: replay the epoch's deterministic order up to the position
                 yield batch
 

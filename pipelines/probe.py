@@ -17,7 +17,7 @@ from polymae.shared.masking import build_masker
 from polymae.shared.trainer import pick_device
 
 from .runs import RunParts, build_parts
-from .stream import ShardStream, make_loader
+from .stream import Loader, ShardStream
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, m
     features, labels = [], []
     if model is not None:
         model.eval().to(device)
-    for batch in make_loader(stream, data.num_workers):
+    for batch in Loader(stream, data.num_workers):
         if len(batch) == 0:
             continue
         if batch.labels is None:

@@ -8,7 +8,7 @@ import torch
 from polymae.shared.objectives import to_value_space
 
 from .runs import load_run, split_shards
-from .stream import ShardStream, make_loader
+from .stream import Loader, ShardStream
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def reconstruct(run_or_checkpoint: str | Path, out: str | Path, rows: int = 8, s
     train_shards, val_shards = split_shards(parts.config, parts.modality)
     stream = ShardStream(val_shards or train_shards, parts.modality, parts.masker, batch_size=rows, train=False,
                          seed=seed, split_by_rank=False)
-    batch = next(b for b in make_loader(stream, 0) if len(b))
+    batch = next(b for b in Loader(stream, 0) if len(b))
     parts.model.eval()
     tokens = batch.tokens
     pred = parts.model(tokens.values, tokens.coords, batch.mask, tokens.valid)["pred"]

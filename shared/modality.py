@@ -62,6 +62,16 @@ class Modality:
     def tokenize(self, payload: Any, generator: torch.Generator, train: bool = True) -> Tokens:
         raise NotImplementedError
 
+    def finish(self, tokens: Tokens) -> Tokens:
+        """The tokenizer's last step, run on a whole batch where it is consumed (after the
+        move to the accelerator, when there is one) instead of in the data workers.
+
+        A tokenizer may leave `values` in a compact storage dtype (the image modality
+        ships uint8 patches: 4x fewer bytes from worker to trainer than float32) and
+        convert them here. Everything after the loader sees finished tokens. Default:
+        the tokens are finished already."""
+        return tokens
+
     def untokenize(self, tokens: Tokens) -> Any:
         raise NotImplementedError
 

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
+from .memory import reuse_freed_memory
 from .tokens import Batch
 
 MIN_RECORDS_FOR_BAD_FRACTION = 200  # judge the bad-record share only once it means something
@@ -98,6 +99,7 @@ class Trainer:
                  loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict, dict]], config_text: str = "",
                  picture_fn: Callable[[Batch, dict], "object"] | None = None, log: Callable[[str], None] = print,
                  context: DistributedContext | None = None):
+        reuse_freed_memory()  # activations are megabytes, freed and reallocated every step
         self.config, self.run_dir, self.loss_fn = config, Path(run_dir), loss_fn
         self.picture_fn, self.config_text = picture_fn, config_text
         self.context = context or DistributedContext(device=pick_device(config.device))

@@ -41,7 +41,7 @@ from polymae.modalities.image.adapters import decode_image, encode_png, read_sou
 from polymae.pipelines.pretrain import pretrain
 from polymae.pipelines.runs import build_parts, split_shards
 from polymae.pipelines.shards import resolve_shards, write_shards
-from polymae.pipelines.stream import ShardStream, make_loader, read_shard
+from polymae.pipelines.stream import Loader, ShardStream, read_shard
 from polymae.shared.checkpoint import checkpoint_dirs, load_weights
 from polymae.shared.config import load_config
 from polymae.shared.errors import BadInput, ConfigError
@@ -373,7 +373,7 @@ def test_pretrain_skips_and_counts_bad_records_per_kind(planted_shards, tmp_path
     assert not (folder / "train-000007.tar").exists()
     stream = ShardStream(shards, parts.modality, parts.masker, batch_size=32, train=True,
                          shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed)
-    epoch = [(len(batch), Counter(batch.skipped)) for batch in make_loader(stream, num_workers=2)]
+    epoch = [(len(batch), Counter(batch.skipped)) for batch in Loader(stream, num_workers=2)]
     assert sum((skipped for _, skipped in epoch), Counter()) == Counter(PLANTED)
     assert epoch[-1][0] > 0, "the epoch ends in a skip report; the run would stop before it"
     steps = sum(1 for size, _ in epoch if size)
@@ -427,7 +427,7 @@ def clean_batches(tmp_path_factory, digit_samples) -> tuple[Path, list]:
     parts = build_parts(config)
     stream = ShardStream(resolve_shards(folder), parts.modality, parts.masker, batch_size=32, train=True,
                          shuffle_buffer=64, seed=0)
-    batches = list(make_loader(stream, num_workers=0))
+    batches = list(Loader(stream, num_workers=0))
     assert [len(batch) for batch in batches] == [32] * 8
     return folder, batches
 

@@ -85,7 +85,7 @@ def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missi
     """Equal batches per rank: a worker whose only shard is missing fills its share from the
     rank's other shards; the missing shard is counted once, not once per re-read."""
     from polymae.pipelines.shards import resolve_shards
-    from polymae.pipelines.stream import ShardStream, make_loader
+    from polymae.pipelines.stream import Loader, ShardStream
     from polymae.shared.masking import build_masker
     from polymae.shared.registry import MODALITIES
 
@@ -93,7 +93,7 @@ def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missi
     good = resolve_shards(digits_shards, prefix="train")[0]
     stream = ShardStream([good, str(tmp_path / "gone.tar")], modality, build_masker("random", 0.75),
                          batch_size=64, batches_per_epoch=20)  # 20 x 64 > one shard: forces re-reading
-    batches = list(make_loader(stream, num_workers=2))
+    batches = list(Loader(stream, num_workers=2))
     assert len(batches) == 20 and all(len(batch) == 64 for batch in batches)
     skipped = sum((Counter(batch.skipped) for batch in batches), Counter())
     assert skipped == {"missing_shard": 1}

@@ -18,7 +18,7 @@ from PIL import Image
 
 from polymae.modalities.image import ImageModality
 from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
-from polymae.pipelines.stream import ShardStream, make_loader
+from polymae.pipelines.stream import Loader, ShardStream
 from polymae.shared.errors import BadInput
 from polymae.shared.masking import build_masker
 
@@ -73,11 +73,17 @@ def tar_keys(path: str | Path) -> list[str]:
 def read_epoch(stream: ShardStream, num_workers: int) -> dict:
     """One pass of a loader: keys in delivery order, per-key tokens and masks, skip counts."""
     keys, values, hidden, skipped, empty_batches = [], {}, {}, Counter(), 0
-    for batch in make_loader(stream, num_workers):
+    for batch in Loader(stream, num_workers):
         skipped.update(batch.skipped)
         if len(batch) == 0:
             empty_batches += 1
             continue
+        # workers ship uint8 pixels packed with the mask in one shared block; the loader hands over
+        # normalised floats and masks whose ids_restore still inverts ids_shuffle
+        assert batch.tokens.values.dtype == torch.float32
+        positions = torch.arange(batch.mask.hidden.shape[1]).expand_as(batch.mask.ids_shuffle)
+        assert torch.equal(batch.mask.ids_shuffle.gather(1, batch.mask.ids_restore), positions)
+        assert batch.labels is not None and len(batch.labels) == len(batch)
         keys += batch.keys
         for i, key in enumerate(batch.keys):
             values[key], hidden[key] = batch.tokens.values[i], batch.mask.hidden[i]
@@ -231,7 +237,7 @@ def test_resampled_stream_is_endless_and_drops_unreadable_shards(digits, modalit
     out, _ = digits
     shards = resolve_shards(out) + [str(tmp_path / "gone.tar")]
     stream = ShardStream(shards, modality, masker, batch_size=32, resampled=True, shuffle_buffer=100)
-    batches = list(itertools.islice(make_loader(stream, num_workers=2), 80))  # 2,560 samples > one pass
+    batches = list(itertools.islice(Loader(stream, num_workers=2), 80))  # 2,560 samples > one pass
     assert all(len(batch) == 32 for batch in batches if len(batch))
     assert sum(batch.skipped.get("missing_shard", 0) for batch in batches) <= 2  # once per worker at most
     assert len({key for batch in batches for key in batch.keys}) > NUM_DIGITS // 2

@@ -39,7 +39,9 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> torch.Tensor:
-    """Image bytes -> uint8 tensor [channels, H, W]; BadInput names `source` and the problem."""
+    """Image bytes -> uint8 tensor [channels, H, W], channels-last in memory (a view of
+    PIL's H x W x C pixels, which PyTorch's vectorised uint8 resize wants); BadInput
+    names `source` and the problem."""
     if channels not in MODES:
         raise BadInput(source, f"cannot produce {channels} channels; images decode to 1 (grey) or 3 (RGB)",
                        "wrong_channels")
@@ -53,7 +55,8 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
             if image.mode in WIDE_GREY_MODES:  # 16-bit grey PNG: PIL's convert would clip it to 255 (white)
                 image = Image.fromarray(np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
                                         .astype(np.uint8))
-            image = image.convert(MODES[channels])
+            if image.mode != MODES[channels]:  # convert() to the same mode would only copy
+                image = image.convert(MODES[channels])
     except BadInput:
         raise
     except UnidentifiedImageError:  # PIL's own message names a BytesIO object and its memory address
@@ -66,8 +69,8 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
                        "(a smaller modality_options.patch_size, or `polymae shard --option patch_size=N`, fits it)",
                        "too_small")
     array = np.array(image)  # a writable copy: np.asarray of a PIL image is read-only
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    pixels = torch.from_numpy(array[..., None] if array.ndim == 2 else array)  # [H, W, C]
+    return pixels.permute(2, 0, 1)
 
 
 class FolderSamples:

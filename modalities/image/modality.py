@@ -1,7 +1,7 @@
 """The image modality: decode -> augment -> patchify, and a picture of reconstructions."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -67,8 +67,11 @@ class ImageModality(Modality):
 
     # -- tokenizer --------------------------------------------------------
     def pixels(self, image: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
-        """uint8 [C, H, W] -> normalised float [C, *image_size], augmented when training."""
+        """uint8 [C, H, W] -> uint8 [C, *image_size], augmented when training."""
         o = self.options
+        if image.dtype != torch.uint8:
+            raise BadInput("image", f"pixels must be uint8 [C, H, W] as decode gives them, got {image.dtype}",
+                           "wrong_dtype")
         if min(image.shape[-2:]) < o.patch_size:
             raise BadInput("image", f"{image.shape[-1]}x{image.shape[-2]} is smaller than one "
                            f"{o.patch_size}px patch", "too_small")
@@ -78,19 +81,33 @@ class ImageModality(Modality):
                 image = random_hflip(image, generator)
         else:
             image = resize(image, o.image_size)
-        mean = torch.tensor(o.mean).view(-1, 1, 1) * 255
-        std = torch.tensor(o.std).view(-1, 1, 1) * 255
-        return (image - mean) / std
+        return image
 
     def tokenize(self, payload, generator, train=True):
+        """uint8 patches: the workers ship bytes, `finish` normalises them where they are consumed."""
         return patchify(self.pixels(payload, generator, train), self.options.patch_size)
 
+    def value_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) over a token's p*p*C values (channel fastest): normalised = pixel * scale + shift."""
+        mean = torch.tensor(self.options.mean, device=device) * 255
+        std = torch.tensor(self.options.std, device=device) * 255
+        patch_pixels = self.options.patch_size ** 2
+        return (1 / std).repeat(patch_pixels), (-mean / std).repeat(patch_pixels)
+
+    def finish(self, tokens):
+        """uint8 patches -> mean/std-normalised float32 (tokens that are float are finished already)."""
+        if tokens.values.dtype != torch.uint8:
+            return tokens
+        scale, shift = self.value_affine(tokens.values.device)
+        return replace(tokens, values=torch.addcmul(shift, tokens.values.float(), scale))
+
     def untokenize(self, tokens):
-        """Tokens -> uint8 image(s) [(B,) C, H, W] in pixel space."""
-        image = unpatchify(tokens.values, tokens.grid, self.options.patch_size)
-        mean = torch.tensor(self.options.mean).view(-1, 1, 1)
-        std = torch.tensor(self.options.std).view(-1, 1, 1)
-        return ((image * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        """Tokens (uint8 or normalised) -> uint8 image(s) [(B,) C, H, W] in pixel space."""
+        values = tokens.values
+        if values.dtype != torch.uint8:
+            scale, shift = self.value_affine(values.device)
+            values = ((values.float() - shift) / scale).round().clamp(0, 255).to(torch.uint8)
+        return unpatchify(values, tokens.grid, self.options.patch_size)
 
     @property
     def d_in(self):
