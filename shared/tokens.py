@@ -73,7 +73,9 @@ class Mask:
         if not 0 <= num_hidden <= n:
             raise ValueError(f"cannot hide {num_hidden} of {n} tokens")
         ids_shuffle = torch.argsort(scores, dim=-1, stable=True)  # ascending: visible first
-        ids_restore = torch.argsort(ids_shuffle, dim=-1)
+        # the inverse permutation, by scattering positions (a second argsort would sort again)
+        positions = torch.arange(n, device=scores.device).expand_as(ids_shuffle)
+        ids_restore = torch.empty_like(ids_shuffle).scatter_(-1, ids_shuffle, positions)
         hidden = ids_restore >= (n - num_hidden)
         return cls(hidden=hidden, ids_shuffle=ids_shuffle, ids_restore=ids_restore, num_visible=n - num_hidden)
 

@@ -99,7 +99,8 @@ class ImageModality(Modality):
         if tokens.values.dtype != torch.uint8:
             return tokens
         scale, shift = self.value_affine(tokens.values.device)
-        return replace(tokens, values=torch.addcmul(shift, tokens.values.float(), scale))
+        values = tokens.values.float()
+        return replace(tokens, values=torch.addcmul(shift, values, scale, out=values))  # in place: no second copy
 
     def untokenize(self, tokens):
         """Tokens (uint8 or normalised) -> uint8 image(s) [(B,) C, H, W] in pixel space."""
