@@ -81,9 +81,11 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
                          shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,
                          batches_per_epoch=batches_per_rank(config, train_shards, context.world_size))
 
+    loader = Loader(stream, data.num_workers, device=context.device)
+
     def batches(epoch: int, start: int):
         stream.set_epoch(epoch)
-        for i, batch in enumerate(Loader(stream, data.num_workers, device=context.device)):
+        for i, batch in enumerate(loader):
             if i >= start:  # resuming mid-epoch: replay the epoch's deterministic order up to the position
                 yield batch
 

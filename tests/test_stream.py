@@ -185,6 +185,25 @@ def test_an_epoch_delivers_every_key_once_and_is_deterministic(digits, modality,
     assert any(not torch.equal(second["hidden"][key], first["hidden"][key]) for key in all_keys[:20])
 
 
+def test_one_loader_with_persistent_workers_follows_set_epoch(digits, modality, masker, all_keys):
+    """Workers live from one epoch to the next and read the epoch the main process sets."""
+    stream = ShardStream(resolve_shards(digits[0]), modality, masker, batch_size=64, train=True,
+                         shuffle_buffer=300, seed=7)
+    loader = Loader(stream, num_workers=2)
+    epochs = []
+    for epoch in (0, 1, 0):
+        stream.set_epoch(epoch)
+        epochs.append([key for batch in loader for key in batch.keys])
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == sorted(all_keys)
+    assert epochs[2] == epochs[0]  # epoch 0 again: the same order, from the same workers
+    stream.set_epoch(1)
+    assert read_epoch(stream, num_workers=2)["keys"] == epochs[1]  # as a fresh loader sees epoch 1
+    stream.set_epoch(0)
+    partial = iter(loader)
+    next(partial)  # a pass left early ...
+    assert [key for batch in loader for key in batch.keys] == epochs[0]  # ... the next pass starts afresh
+
+
 def test_bad_records_are_skipped_counted_and_good_ones_all_arrive(tmp_path, modality, masker, bad_samples):
     good = list(modality.read_source("digits"))
     samples = good[:100] + bad_samples[:1] + good[100:700] + bad_samples[1:2] + good[700:1500] + bad_samples[2:] \
