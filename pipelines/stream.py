@@ -422,4 +422,3 @@ class Loader:
             if self.device is not None:
                 batch = batch.to(self.device)
             yield dataclasses.replace(batch, tokens=self.finish(batch.tokens))
-

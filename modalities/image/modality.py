@@ -99,8 +99,8 @@ class ImageModality(Modality):
         if tokens.values.dtype != torch.uint8:
             return tokens
         scale, shift = self.value_affine(tokens.values.device)
-        values = tokens.values.float()
-        return replace(tokens, values=torch.addcmul(shift, values, scale, out=values))  # in place: no second copy
+        # one pass: uint8 x float32 promotes to float32 inside the op, no float copy of the pixels first
+        return replace(tokens, values=torch.addcmul(shift, tokens.values, scale))
 
     def untokenize(self, tokens):
         """Tokens (uint8 or normalised) -> uint8 image(s) [(B,) C, H, W] in pixel space."""
