@@ -1,4 +1,4 @@
-"""The `polymae` command line: pretrain, shard, probe, reconstruct, info.
+"""The `polymae` command line: pretrain, shard, probe, reconstruct, export, info.
 
 Errors the user can fix (a misspelled config key, a bad value, a missing file,
 unreadable input) are one line on stderr and exit code 2, never a traceback.
@@ -65,6 +65,18 @@ def cmd_reconstruct(args) -> None:
     reconstruct(args.run, args.out, rows=args.rows, seed=args.seed)
 
 
+def cmd_export(args) -> None:
+    from polymae.shared.hf_interop import save_hf_folder
+
+    from .runs import load_run
+
+    parts, checkpoint = load_run(args.run)
+    folder = save_hf_folder(parts.model, args.out, encoder_only=args.encoder_only,
+                            norm_pix_loss=parts.norm_pix, mask_ratio=parts.masker.ratio)
+    kind = "ViTMAEModel" if args.encoder_only else "ViTMAEForPreTraining"
+    print(f"{folder}: {checkpoint} as a Hugging Face {kind} (from_pretrained loads it)")
+
+
 def cmd_info(args) -> None:
     import polymae.modalities as modalities
     import polymae.shared.masking  # noqa: F401  (registers the generic maskers)
@@ -120,6 +132,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="write a run's image MAE as a Hugging Face ViTMAE folder")
+    p.add_argument("run", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="FOLDER")
+    p.add_argument("--encoder-only", action="store_true", help="a ViTMAEModel (the encoder) instead")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="registered modalities, maskers, objectives and shipped configs")
     p.set_defaults(func=cmd_info)

@@ -69,7 +69,7 @@ def pretrain(config: Config, resume: Path | None = None) -> dict:
 
 
 def run(config: Config, context: distributed.DistributedContext, resume: Path | None) -> dict:
-    parts = build_parts(config)
+    parts = build_parts(config, start_weights=resume is None)  # a resumed run has its own weights
     if context.is_main:  # shard once, before the others look for the shards
         train_shards, val_shards = split_shards(config, parts.modality)
     distributed.barrier()

@@ -6,6 +6,9 @@
     hf_config_for(model, **config_overrides)            -> a matching ViTMAEConfig
     hf_noise_to_mask(noise, mask_ratio)                 -> the Mask HF's forward(noise=...) makes
     fill_hf_sincos_tables(hf_model)                     -> fixed tables for a model built from a config
+    read_hf_folder(folder)                              -> (state dict, ViTMAEConfig) of a local checkpoint
+    load_hf_weights(model, folder)                      -> a built polymae model starts from HF weights
+    save_hf_folder(model, folder, encoder_only=False)   -> a folder `from_pretrained` loads
 
 The two models are the same network written two ways:
 
@@ -26,12 +29,15 @@ The two models are the same network written two ways:
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .model import MaskedAutoencoder, ModelConfig
 from .position import LearnedPosition, SinCosPosition
 
@@ -305,3 +311,70 @@ def hf_noise_to_mask(noise: Tensor, mask_ratio: float):
     n = noise.shape[-1]
     keep = int(n * (1 - mask_ratio))
     return Mask.from_scores(noise, n - keep)
+
+
+# -- checkpoint folders on disk ---------------------------------------------------------------------
+
+
+def is_hf_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "config.json").is_file()
+
+
+def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], Any]:
+    """(state dict, ViTMAEConfig) of a local Hugging Face ViTMAE checkpoint folder, read by
+    transformers itself (which renames the keys of its on-disk layout); never downloads.
+    A `ViTMAEModel` checkpoint (its config's architectures say so) gives the encoder only."""
+    import transformers
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "vit_mae":
+        raise ConfigError(f"{folder}: a Hugging Face {config.get('model_type')!r} checkpoint; "
+                          "polymae imports ViTMAE ('vit_mae')")
+    encoder_only = config.get("architectures") == ["ViTMAEModel"]
+    cls = transformers.ViTMAEModel if encoder_only else transformers.ViTMAEForPreTraining
+    try:
+        hf = cls.from_pretrained(str(folder), local_files_only=True)
+    except OSError as error:  # no weights file next to config.json
+        raise ConfigError(f"{folder}: cannot load its weights ({str(error).splitlines()[0]})") from None
+    return hf.state_dict(), hf.config
+
+
+def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
+    """Load a local HF ViTMAE checkpoint into an already built polymae model (a recipe's).
+
+    The recipe must describe the checkpoint's architecture; when it does not,
+    the ConfigError lists the `model.*` settings that would."""
+    hf, hf_config = read_hf_folder(folder)
+    expected = from_hf_vitmae(hf, hf_config, kwargs_only=True)
+    want, have = expected["config"], model.config
+    fields = ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
+              "decoder_mlp_ratio", "position", "cls_token", "layer_norm_eps")
+    if not any(k.startswith("decoder.") for k in hf):
+        fields = fields[:4] + fields[-3:]   # an encoder-only ViTMAEModel says nothing of the decoder
+    wrong = [f"model.{f}={getattr(want, f)}" for f in fields if getattr(want, f) != getattr(have, f)]
+    if expected["d_in"] != model.d_in or tuple(expected["grid"]) != tuple(model.grid or ()):
+        h, w = expected["grid"][::-1]
+        wrong.append(f"modality_options: {h}x{w} patches of {expected['d_in']} values "
+                     f"(image_size {hf_config.image_size}, patch_size {hf_config.patch_size}, "
+                     f"{hf_config.num_channels} channels)")
+    if wrong:
+        raise ConfigError(f"model.init_from {folder}: the checkpoint's architecture differs from the recipe's; "
+                          f"set {', '.join(wrong)}")
+    if not any(k.startswith("vit.") for k in hf):
+        hf = {f"vit.{k}": v for k, v in hf.items()}
+    model.load_state_dict(state_dict_from_hf(hf, model), strict="decoder.decoder_embed.weight" in hf)
+
+
+def save_hf_folder(model: MaskedAutoencoder, folder: str | Path, *, encoder_only: bool = False,
+                   **config_overrides) -> Path:
+    """Write `model` as a Hugging Face checkpoint folder, through transformers' own `save_pretrained`
+    (its on-disk layout): `ViTMAEForPreTraining.from_pretrained(folder)` (or `ViTMAEModel`, with
+    encoder_only) loads it offline."""
+    import transformers
+
+    config = hf_config_for(model, **config_overrides)
+    hf = (transformers.ViTMAEModel if encoder_only else transformers.ViTMAEForPreTraining)(config)
+    hf.load_state_dict(to_hf_vitmae(model, encoder_only=encoder_only), strict=True)
+    hf.save_pretrained(str(folder))
+    return Path(folder)

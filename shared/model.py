@@ -45,6 +45,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-6
     pool: str = "mean"              # features for probing: mean of tokens or cls
     kernels: str = "auto"           # auto: oneDNN linears + short-sequence attention on CPU; torch: plain ops
+    init_from: str | None = None    # start from these weights: a polymae run/checkpoint or a local HF ViTMAE folder
 
     def __post_init__(self):
         if self.size not in MODEL_SIZES:

@@ -42,7 +42,7 @@ def test_missing_config_file_names_it(tmp_path):
     assert "no/such/recipe.yaml does not exist" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["pretrain", "shard", "probe", "reconstruct", "info"])
+@pytest.mark.parametrize("command", ["pretrain", "shard", "probe", "reconstruct", "export", "info"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage: polymae" in result.stdout

@@ -265,3 +265,82 @@ def test_export_refuses_what_hf_cannot_hold():
         to_hf_vitmae(no_grid)
     with pytest.raises(ValueError, match="hidden_act"):
         model_kwargs_from_hf(hf_config(True, hidden_act="relu"))
+
+
+# -- checkpoint folders: a recipe starts from local HF weights; a run exports to one -------------------
+
+def image_recipe(tmp_path, *overrides):
+    """The default recipe turned into a 32px RGB image MAE shaped like `hf_config`."""
+    from polymae.shared.config import load_config
+
+    return load_config(None, ["modality_options.image_size=[32,32]", "modality_options.patch_size=8",
+                              "modality_options.channels=3", "model.width=64", "model.depth=2", "model.heads=4",
+                              "model.decoder_width=32", "model.decoder_depth=1", "model.decoder_heads=4",
+                              "model.mlp_ratio=2.0", "model.decoder_mlp_ratio=2.0", "model.layer_norm_eps=1e-12",
+                              f"out_dir={tmp_path}", *overrides])
+
+
+def test_a_recipe_starts_from_a_local_hf_folder(tmp_path, pixels, noise):
+    from polymae.pipelines.runs import build_parts
+    from polymae.shared.errors import ConfigError
+
+    hf = hf_model(True, seed=5)
+    hf.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors, as a downloaded checkpoint has
+    parts = build_parts(image_recipe(tmp_path, f"model.init_from={tmp_path / 'hf'}"))
+    batch = polymae_batch(pixels, noise)
+    with torch.no_grad():
+        loss, out = run_polymae(parts.model.eval(), batch, True)
+        hf_out = hf(pixel_values=pixels, noise=noise)
+    torch.testing.assert_close(out["pred"], hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, hf_out.loss, atol=1e-5, rtol=1e-5)
+    # a recipe that does not describe the checkpoint says which settings would
+    with pytest.raises(ConfigError, match=r"model.depth=2.*model.decoder_width=32"):
+        build_parts(image_recipe(tmp_path, "model.depth=3", "model.decoder_width=48",
+                                 f"model.init_from={tmp_path / 'hf'}"))
+    with pytest.raises(ConfigError, match="neither a Hugging Face folder"):
+        build_parts(image_recipe(tmp_path, f"model.init_from={tmp_path / 'nothing'}"))
+
+
+def test_a_run_exports_to_a_folder_hf_loads_and_starts_another_run(tmp_path, digits_shards):
+    """`polymae export` of a real (short) digits run: ViTMAEForPreTraining.from_pretrained gives the
+    run's loss and reconstruction on held-out digits, ViTMAEModel its encoding, and the folder (or
+    the run itself) starts a new recipe with exactly the run's weights."""
+    from polymae.pipelines.cli import main
+    from polymae.pipelines.pretrain import pretrain
+    from polymae.pipelines.runs import build_parts, load_run
+    from polymae.pipelines.stream import Loader, ShardStream
+    from polymae.shared.config import load_config
+    from polymae.shared.masking import build_masker
+
+    recipe = [f"data.shards={digits_shards}", "data.source=null", f"out_dir={tmp_path}", "trainer.max_steps=5",
+              "data.num_workers=0", "probe.enabled=false", "model.depth=2", "model.layer_norm_eps=1e-12"]
+    pretrain(load_config(None, recipe))
+    run_dir = tmp_path / "digits_mae"
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert main(["export", str(run_dir), str(tmp_path / "hf-encoder"), "--encoder-only"]) == 0
+
+    parts, _ = load_run(run_dir)
+    model = parts.model.eval()
+    stream = ShardStream([str(p) for p in sorted(digits_shards.glob("val-*.tar"))], parts.modality,
+                         build_masker("random", 0.75), batch_size=16, train=False)
+    batch = next(iter(Loader(stream, 0)))
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    encoder = transformers.ViTMAEModel.from_pretrained(tmp_path / "hf-encoder").eval()
+    hf_pixels = hf.unpatchify(batch.tokens.values, (8, 8))  # the loader's normalised patches, as HF's images
+    scores = torch.rand(len(batch), 16, generator=torch.Generator().manual_seed(3))
+    mask = hf_noise_to_mask(scores, 0.75)
+    with torch.no_grad():
+        out = model(batch.tokens.values, batch.tokens.coords, mask)
+        loss, _ = total_loss(parts.objective, out, type(batch)(tokens=batch.tokens, mask=mask))
+        hf_out = hf(pixel_values=hf_pixels, noise=scores)
+        hf_latent = encoder(pixel_values=hf_pixels, noise=scores).last_hidden_state
+    torch.testing.assert_close(hf_out.logits, out["pred"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_out.loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_latent, out["latent"], atol=1e-5, rtol=1e-5)
+
+    for source in (tmp_path / "hf", run_dir, tmp_path / "hf-encoder"):
+        started = build_parts(load_config(None, recipe + [f"model.init_from={source}"])).model
+        for key, value in model.state_dict().items():
+            if source.name == "hf-encoder" and key.startswith(("decoder", "mask_token", "head")):
+                continue  # an encoder checkpoint leaves the decoder at its fresh initialisation
+            assert torch.equal(started.state_dict()[key], value), (source, key)
