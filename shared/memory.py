@@ -4,10 +4,11 @@ A batch's tensors are megabytes: above glibc's mmap threshold (128 KiB to
 start with), each is a fresh mapping of its own, given back when freed, so
 every 4 KiB page of the next one faults again on first touch. On this kind
 of machine (a VM, where a fault costs microseconds) that was most of the
-data loader's main-process time: 700,000 faults per 2,048 images in
-benchmarks/pipeline.py, down to 26,000 with the thresholds below, and a
-10-20% faster forward pass in benchmarks/train_step.py. jemalloc or tcmalloc
-preloaded would do the same; this needs no install.
+data loader's main-process time: 320,000-716,000 faults per 2,048 images
+in benchmarks/pipeline.py's loader, 21,000-26,000 with the thresholds
+below, and a 10-20% faster forward pass in benchmarks/train_step.py
+(glibc's own adaptive threshold gets there only some of the time).
+jemalloc or tcmalloc preloaded would do the same; this needs no install.
 """
 from __future__ import annotations
 

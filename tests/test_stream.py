@@ -283,3 +283,23 @@ def test_resolve_shards(digits, tmp_path, digits_shards):
         resolve_shards(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         resolve_shards(f"{out}/train-{{000000..000009}}.tar")
+
+
+def test_a_workers_batch_crosses_as_one_shared_block_of_uint8_pixels(digits, modality, masker):
+    """In a worker, collate stacks every tensor of a batch into one shared-memory block (one
+    segment to set up and map, not one per tensor), with the pixels still uint8; the Loader's
+    finish turns them into the same floats an in-process read gives."""
+    stream = ShardStream(resolve_shards(digits[0]), modality, masker, batch_size=64, train=False)
+    raw = next(iter(Loader(stream, num_workers=1).loader))  # as it arrives, before finish
+    assert raw.tokens.values.dtype == torch.uint8
+    tensors = [raw.tokens.values, raw.tokens.coords, raw.mask.hidden, raw.mask.ids_shuffle, raw.mask.ids_restore,
+               raw.labels]
+    assert all(t.is_shared() for t in tensors)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    in_process = next(iter(Loader(stream, num_workers=0)))
+    finished = modality.finish(raw.tokens)
+    assert raw.keys == in_process.keys
+    assert torch.equal(finished.values, in_process.tokens.values)
+    assert torch.equal(raw.mask.ids_restore, in_process.mask.ids_restore) and torch.equal(raw.labels,
+                                                                                          in_process.labels)
+
