@@ -8,8 +8,8 @@ patchify (224px, 16px patches) -> mask (0.75) -> batches of 32 -> shipped to
 the main process as uint8 -> normalised to float32 there (Modality.finish).
 The reference is a plain single-process loop that only decodes the same JPEG
 bytes (already in memory) with PIL into RGB arrays. The pipeline is timed
-from its first batch on (the steady state; worker start-up is paid once per
-epoch).
+from its first batch on (the steady state; the workers' start-up is paid
+once per run, as they persist across epochs).
 
 Prints images/s of both, the ratio (target >= 0.9x: the pipeline keeps up
 with bare decoding), and the pipeline with ColorMAE's green-noise masker vs
@@ -88,7 +88,7 @@ def decode_only(jpegs: list[bytes]) -> float:
 
 def pipeline_pass(modality, shards: list[str], masker_name: str, batch: int, workers: int) -> tuple[float, int]:
     """Images/s from the first batch to the last: the steady state of a long run, without the
-    workers' start-up (a fork and a shuffle buffer to fill, paid once per epoch)."""
+    workers' start-up (a fork and a shuffle buffer to fill, paid once per run)."""
     from polymae.pipelines.stream import Loader, ShardStream
     from polymae.shared.masking import build_masker
 
