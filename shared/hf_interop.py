@@ -363,6 +363,13 @@ def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
                           f"set {', '.join(wrong)}")
     if not any(k.startswith("vit.") for k in hf):
         hf = {f"vit.{k}": v for k, v in hf.items()}
+    if "decoder.decoder_pos_embed" in hf:  # the recipe has one `position` for both tables
+        kind = _table_kind(hf["decoder.decoder_pos_embed"][0, 1:], token_grid(model))
+        have_kind = "learned" if isinstance(model.decoder_position, LearnedPosition) else "sincos"
+        if kind != have_kind:
+            raise ConfigError(f"model.init_from {folder}: the checkpoint's decoder position table is {kind}, its "
+                              f"encoder's is {want.position}; polymae recipes use one kind for both "
+                              "(from_hf_vitmae imports such a model as it is)")
     model.load_state_dict(state_dict_from_hf(hf, model), strict="decoder.decoder_embed.weight" in hf)
 
 
