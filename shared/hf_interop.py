@@ -106,9 +106,15 @@ def token_grid(model: MaskedAutoencoder) -> tuple[int, int]:
 
 
 def _state_dict_of(hf_model_or_state_dict) -> dict[str, Tensor]:
+    """An HF model's (or a state dict's) tensors under ViTMAEForPreTraining's keys: a ViTMAEModel's
+    encoder keys come without the "vit." prefix."""
     if isinstance(hf_model_or_state_dict, nn.Module):
-        return hf_model_or_state_dict.state_dict()
-    return dict(hf_model_or_state_dict)
+        hf = hf_model_or_state_dict.state_dict()
+    else:
+        hf = dict(hf_model_or_state_dict)
+    if not any(k.startswith("vit.") for k in hf):
+        hf = {f"vit.{k}": v for k, v in hf.items()}
+    return hf
 
 
 def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only: bool = False, **overrides):
@@ -125,8 +131,6 @@ def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only
             raise ValueError("from_hf_vitmae needs the ViTMAEConfig when given a bare state dict")
     kwargs = model_kwargs_from_hf(hf_config)
     hf = _state_dict_of(hf_model_or_state_dict)
-    if not any(k.startswith("vit.") for k in hf):           # a ViTMAEModel: encoder keys without "vit."
-        hf = {f"vit.{k}": v for k, v in hf.items()}
     grid = kwargs["grid"][::-1]  # (h, w) of the token grid
     pos = hf["vit.embeddings.position_embeddings"][0]
     encoder_kind = _table_kind(pos[1:], grid)
@@ -345,7 +349,8 @@ def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
 
     The recipe must describe the checkpoint's architecture; when it does not,
     the ConfigError lists the `model.*` settings that would."""
-    hf, hf_config = read_hf_folder(folder)
+    state, hf_config = read_hf_folder(folder)
+    hf = _state_dict_of(state)
     expected = from_hf_vitmae(hf, hf_config, kwargs_only=True)
     want, have = expected["config"], model.config
     fields = ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
@@ -361,8 +366,6 @@ def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
     if wrong:
         raise ConfigError(f"model.init_from {folder}: the checkpoint's architecture differs from the recipe's; "
                           f"set {', '.join(wrong)}")
-    if not any(k.startswith("vit.") for k in hf):
-        hf = {f"vit.{k}": v for k, v in hf.items()}
     if "decoder.decoder_pos_embed" in hf:  # the recipe has one `position` for both tables
         kind = _table_kind(hf["decoder.decoder_pos_embed"][0, 1:], token_grid(model))
         have_kind = "learned" if isinstance(model.decoder_position, LearnedPosition) else "sincos"
