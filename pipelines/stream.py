@@ -63,6 +63,7 @@ from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
 from .shards import stable_hash
+from .transport import BatchRing, RingFeed
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ class ShardStream(IterableDataset):
         self.split_by_rank = split_by_rank
         self.stage_seconds: Counter = Counter()
         self.logged_kinds: set[str] = set()
+        self.allocate = None  # where batches are stacked: the Loader gives each worker its ring (transport.py)
 
     @property
     def epoch(self) -> int:
@@ -312,7 +314,7 @@ class ShardStream(IterableDataset):
 
     def make_batch(self, items: list[tuple], skipped: Counter) -> Batch:
         start = time.perf_counter()
-        batch = collate(items, skipped)
+        batch = collate(items, skipped, self.allocate)
         self.stage_seconds["collate"] += time.perf_counter() - start
         skipped.clear()
         return batch
@@ -402,7 +404,9 @@ class Loader:
     """A DataLoader over the stream's ready-made batches that hands each one over finished:
     moved to `device` (when given) and through `Modality.finish` there, so a tokenizer's
     compact values (uint8 image patches) cross from the workers and to the accelerator
-    at a quarter of float32's size.
+    at a quarter of float32's size. Workers stack their batches into shared memory that
+    is reused from batch to batch (pipelines/transport.py); what reaches the caller is
+    its own, to keep as long as it likes.
 
     Iterate it once per epoch: its workers persist between passes and each pass reads the
     stream's current `set_epoch`. A pass left early (a resumed run skipping ahead, the
@@ -410,15 +414,20 @@ class Loader:
 
     def __init__(self, stream: ShardStream, num_workers: int, device: torch.device | str | None = None,
                  prefetch_factor: int = 4):
-        reuse_freed_memory()  # batches arrive as fresh megabytes: no page faults for each one
+        reuse_freed_memory()  # what the batches are finished and copied into is reused, not faulted in afresh
         self.finish, self.device = stream.modality.finish, device
         workers = num_workers > 0
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=workers,
+        # a worker has at most `prefetch_factor` batches in flight and one being handed over
+        self.ring = BatchRing(num_workers, prefetch_factor + 2) if workers else None
+        self.loader = DataLoader(RingFeed(stream, self.ring) if workers else stream, batch_size=None,
+                                 num_workers=num_workers, persistent_workers=workers,
                                  worker_init_fn=single_threaded_worker if workers else None,
                                  prefetch_factor=prefetch_factor if workers else None)
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
+        for message in self.loader:
+            batch, slot = self.ring.unpack(message) if self.ring is not None else (message, None)
             if self.device is not None:
                 batch = batch.to(self.device)
-            yield dataclasses.replace(batch, tokens=self.finish(batch.tokens))
+            batch = dataclasses.replace(batch, tokens=self.finish(batch.tokens))
+            yield self.ring.release(batch, slot) if slot is not None else batch

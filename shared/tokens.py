@@ -12,11 +12,10 @@ two halves and `ids_restore` is its inverse permutation, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 
 @dataclass
@@ -106,36 +105,38 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.values.shape[0]
 
-    def to(self, device: torch.device | str) -> "Batch":
-        def move(obj):
-            if isinstance(obj, Tensor):
-                return obj.to(device, non_blocking=True)
+    def map_tensors(self, fn: Callable[[Any], Any], kind: type = Tensor) -> "Batch":
+        """The same batch with `fn` applied to every tensor in it (tokens, mask, labels, extras),
+        or to every object of `kind` that stands in for one (pipelines/transport.py)."""
+        def apply(obj):
+            if isinstance(obj, kind):
+                return fn(obj)
             if isinstance(obj, (Tokens, Mask)):
-                return replace(obj, **{f.name: move(getattr(obj, f.name)) for f in fields(obj)})
+                return replace(obj, **{f.name: apply(getattr(obj, f.name)) for f in fields(obj)})
             if isinstance(obj, dict):
-                return {k: move(v) for k, v in obj.items()}
+                return {k: apply(v) for k, v in obj.items()}
             return obj
 
-        return replace(self, tokens=move(self.tokens), mask=move(self.mask), labels=move(self.labels),
-                       extras=move(self.extras))
+        return replace(self, tokens=apply(self.tokens), mask=apply(self.mask), labels=apply(self.labels),
+                       extras=apply(self.extras))
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self.map_tensors(lambda t: t.to(device, non_blocking=True))
 
 
-def stack_batch(columns: list[list[Tensor]]) -> list[Tensor]:
-    """`torch.stack` of each column of per-sample tensors.
+def stack_batch(columns: list[list[Tensor]], allocate: Callable[[int], Tensor] | None = None) -> list[Tensor]:
+    """`torch.stack` of each column of per-sample tensors, all into one block of memory.
 
-    In a DataLoader worker they are all stacked into one block of shared memory:
-    PyTorch would otherwise move each batch tensor into a shared-memory segment of
-    its own before sending it (a copy, and ~0.5-1.5 ms of set-up per segment: five
-    segments per batch cost more than masking it), and the main process maps each."""
-    if get_worker_info() is None:
-        return [torch.stack(column) for column in columns]
+    `allocate(nbytes)` gives the block (uint8); by default it is ordinary memory. The data
+    loader passes its workers' shared-memory ring (pipelines/transport.py): one block per
+    batch is one thing to hand over to the main process, not one per tensor."""
     layout, total = [], 0
     for column in columns:
         total = -(-total // 64) * 64  # every tensor starts on a cache line, so any dtype is aligned
         nbytes = len(column) * column[0].numel() * column[0].element_size()
         layout.append((total, nbytes))
         total += nbytes
-    block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    block = allocate(total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
     stacked = []
     for column, (offset, nbytes) in zip(columns, layout):
         out = block[offset:offset + nbytes].view(column[0].dtype).view(len(column), *column[0].shape)
@@ -143,8 +144,9 @@ def stack_batch(columns: list[list[Tensor]]) -> list[Tensor]:
     return stacked
 
 
-def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] | None = None) -> Batch:
-    """Stack per-sample (tokens, mask, label, key) into a dense Batch.
+def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] | None = None,
+            allocate: Callable[[int], Tensor] | None = None) -> Batch:
+    """Stack per-sample (tokens, mask, label, key) into a dense Batch (in one block: `stack_batch`).
 
     Every sample must have the same token count and the same number of
     visible tokens (maskers guarantee the latter); a mismatch names the keys.
@@ -168,7 +170,7 @@ def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] 
         columns["foreground"] = [t.foreground for t in tokens]
     if all(lab is not None for lab in labels):
         columns["labels"] = [torch.as_tensor(lab) for lab in labels]
-    out = dict(zip(columns, stack_batch(list(columns.values()))))
+    out = dict(zip(columns, stack_batch(list(columns.values()), allocate)))
     stacked = Tokens(values=out["values"], coords=out["coords"], valid=out.get("valid"), grid=tokens[0].grid,
                      foreground=out.get("foreground"))
     mask = Mask(hidden=out["hidden"], ids_shuffle=out["ids_shuffle"], ids_restore=out["ids_restore"],

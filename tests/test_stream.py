@@ -19,8 +19,10 @@ from PIL import Image
 from polymae.modalities.image import ImageModality
 from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
 from polymae.pipelines.stream import Loader, ShardStream
+from polymae.pipelines.transport import BatchRing, BlockView, Packed
 from polymae.shared.errors import BadInput
 from polymae.shared.masking import build_masker
+from polymae.shared.tokens import Batch, collate
 
 NUM_DIGITS = 1797
 MAX_COUNT = 400  # 1,797 digits -> shards of 400, 400, 400, 400 and 197 records
@@ -285,21 +287,84 @@ def test_resolve_shards(digits, tmp_path, digits_shards):
         resolve_shards(f"{out}/train-{{000000..000009}}.tar")
 
 
-def test_a_workers_batch_crosses_as_one_shared_block_of_uint8_pixels(digits, modality, masker):
-    """In a worker, collate stacks every tensor of a batch into one shared-memory block (one
-    segment to set up and map, not one per tensor), with the pixels still uint8; the Loader's
-    finish turns them into the same floats an in-process read gives."""
+def test_a_workers_batches_cross_in_a_reused_shared_block_of_uint8_pixels(digits, modality, masker):
+    """A worker stacks each batch into a block of its shared-memory ring, pixels still uint8; only
+    a slot's first batch carries the block, later ones a description of their tensors in it.
+    The Loader's finish turns the pixels into the same floats an in-process read gives."""
     stream = ShardStream(resolve_shards(digits[0]), modality, masker, batch_size=64, train=False)
-    raw = next(iter(Loader(stream, num_workers=1).loader))  # as it arrives, before finish
-    assert raw.tokens.values.dtype == torch.uint8
-    tensors = [raw.tokens.values, raw.tokens.coords, raw.mask.hidden, raw.mask.ids_shuffle, raw.mask.ids_restore,
-               raw.labels]
-    assert all(t.is_shared() for t in tensors)
-    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
-    in_process = next(iter(Loader(stream, num_workers=0)))
-    finished = modality.finish(raw.tokens)
-    assert raw.keys == in_process.keys
-    assert torch.equal(finished.values, in_process.tokens.values)
-    assert torch.equal(raw.mask.ids_restore, in_process.mask.ids_restore) and torch.equal(raw.labels,
-                                                                                          in_process.labels)
+    loader = Loader(stream, num_workers=1)
+    messages = []
+    for message in loader.loader:  # as they arrive, then unpacked and released as the Loader does
+        messages.append(message)
+        loader.ring.release(*loader.ring.unpack(message))
+    assert len(messages) == -(-NUM_DIGITS // 64)
+    assert all(isinstance(m, Packed) for m in messages)
+    first = messages[0]
+    assert first.block is not None and first.block.is_shared()
+    notes = [first.batch.tokens.values, first.batch.tokens.coords, first.batch.mask.hidden,
+             first.batch.mask.ids_shuffle, first.batch.mask.ids_restore, first.batch.labels]
+    assert all(isinstance(n, BlockView) for n in notes) and first.batch.tokens.values.dtype == torch.uint8
+    # a pass reads more batches than a worker has slots, and every block crossed once
+    blocks = [(m.slot, m.generation) for m in messages if m.block is not None]
+    assert len(blocks) == len(set(blocks)) <= loader.ring.slots < len(messages)
 
+    in_process = list(Loader(stream, num_workers=0))
+    kept = list(loader)  # all held at once: what a slot held before it was reused is intact
+    assert [b.keys for b in kept] == [b.keys for b in in_process]
+    for ours, theirs in zip(kept, in_process):
+        assert ours.tokens.values.dtype == torch.float32 and torch.equal(ours.tokens.values, theirs.tokens.values)
+        assert torch.equal(ours.mask.ids_restore, theirs.mask.ids_restore)
+        assert torch.equal(ours.labels, theirs.labels) and torch.equal(ours.tokens.coords, theirs.tokens.coords)
+    assert not any(t.is_shared() for t in (kept[0].tokens.values, kept[0].mask.hidden, kept[0].labels))
+
+
+class RawPixels(ImageModality):
+    """An image modality whose tokens need no finishing: the uint8 values reach the caller as they crossed."""
+
+    def finish(self, tokens):
+        return tokens
+
+
+def test_batches_that_need_no_finishing_are_copied_out_before_their_slot_is_reused(digits, masker):
+    raw = RawPixels({"image_size": [8, 8], "patch_size": 2, "channels": 1, "hflip": False})
+    stream = ShardStream(resolve_shards(digits[0]), raw, masker, batch_size=32, train=True, shuffle_buffer=100)
+    kept = list(Loader(stream, num_workers=2))  # 57 batches through 2 x 6 slots
+    in_process = {key: (b.tokens.values[i], b.mask.hidden[i]) for b in Loader(stream, num_workers=0)
+                  for i, key in enumerate(b.keys)}
+    assert sum(map(len, kept)) == NUM_DIGITS
+    for batch in kept:
+        assert batch.tokens.values.dtype == torch.uint8
+        for i, key in enumerate(batch.keys):
+            assert torch.equal(batch.tokens.values[i], in_process[key][0])
+            assert torch.equal(batch.mask.hidden[i], in_process[key][1])
+
+
+def test_a_ring_slot_is_written_only_when_free_and_grows_for_a_bigger_batch(modality, masker):
+    """The ring's own rules, in one process: a busy slot is never handed out (a one-off segment
+    is); a slot that must grow gets a new block, sent again; a new pass frees and resends all."""
+    samples = list(modality.read_source("digits"))[:6]
+    items = []
+    for sample in samples:
+        generator = torch.Generator().manual_seed(0)
+        tokens = modality.tokenize(modality.decode(sample), generator, train=False)
+        items.append((tokens, masker(tokens, generator), None, sample["__key__"]))
+    ring = BatchRing(num_workers=1, slots=2)
+    writer = ring.writer(0)
+    writer.new_pass()
+    packed = [writer.pack(collate(items[:2], allocate=writer.allocate)) for _ in range(2)]
+    assert [(p.slot, p.block is not None) for p in packed] == [(0, True), (1, True)]
+    one_off = writer.pack(collate(items[:2], allocate=writer.allocate))  # both slots busy
+    assert isinstance(one_off, Batch) and one_off.tokens.values.is_shared()
+
+    batch, where = ring.unpack(packed[0])
+    assert torch.equal(batch.tokens.values, collate(items[:2]).tokens.values)
+    released = ring.release(batch, where)  # slot 0 free again, the batch copied out of it
+    assert torch.equal(released.tokens.values, collate(items[:2]).tokens.values)
+    again = writer.pack(collate(items[:2], allocate=writer.allocate))
+    assert (again.slot, again.generation, again.block) == (0, 1, None)  # reused as mapped
+    ring.release(*ring.unpack(again))
+    bigger = writer.pack(collate(items, allocate=writer.allocate))
+    assert (bigger.slot, bigger.generation) == (0, 2) and bigger.block is not None
+    assert torch.equal(ring.unpack(bigger)[0].mask.ids_restore, collate(items).mask.ids_restore)
+    writer.new_pass()
+    assert writer.pack(collate(items[:2], allocate=writer.allocate)).block is not None

@@ -54,6 +54,10 @@ class ImageModality(Modality):
     Options = ImageOptions
     default_masker = "random"
 
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self.affines: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def sources(self):
         return dict(adapters.BUILTIN_SOURCES)
 
@@ -88,11 +92,14 @@ class ImageModality(Modality):
         return patchify(self.pixels(payload, generator, train), self.options.patch_size)
 
     def value_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) over a token's p*p*C values (channel fastest): normalised = pixel * scale + shift."""
-        mean = torch.tensor(self.options.mean, device=device) * 255
-        std = torch.tensor(self.options.std, device=device) * 255
-        patch_pixels = self.options.patch_size ** 2
-        return (1 / std).repeat(patch_pixels), (-mean / std).repeat(patch_pixels)
+        """(scale, shift) over a token's p*p*C values (channel fastest): normalised = pixel * scale + shift.
+        Made once per device: `finish` runs on every batch."""
+        if device not in self.affines:
+            mean = torch.tensor(self.options.mean, device=device) * 255
+            std = torch.tensor(self.options.std, device=device) * 255
+            patch_pixels = self.options.patch_size ** 2
+            self.affines[device] = ((1 / std).repeat(patch_pixels), (-mean / std).repeat(patch_pixels))
+        return self.affines[device]
 
     def finish(self, tokens):
         """uint8 patches -> mean/std-normalised float32 (tokens that are float are finished already)."""
