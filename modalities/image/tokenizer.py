@@ -6,13 +6,18 @@ coords are (x, y) = (col, row).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from polymae.shared.tokens import Tokens
 
 
+@functools.lru_cache(maxsize=32)
 def grid_coords(h: int, w: int) -> Tensor:
+    """(x, y) = (col, row) of an h x w grid, row by row: [h*w, 2] float. One tensor per grid
+    shape, shared by every image's tokens (made once, not per image; never written to)."""
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([cols.flatten(), rows.flatten()], dim=-1).float()
 
