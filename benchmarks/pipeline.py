@@ -4,8 +4,9 @@
 bundled photos, are written as WebDataset shards (pipelines/shards.py). The
 pipeline (pipelines/stream.py: ShardStream + Loader with 2 workers) reads
 them: tar -> shuffle buffer -> decode -> random resized crop + flip ->
-patchify (224px, 16px patches) -> mask (0.75) -> batches of 32 -> shipped to
-the main process as uint8 -> normalised to float32 there (Modality.finish).
+patchify (224px, 16px patches) -> mask (0.75) -> batches of 32 stacked into
+the worker's shared-memory ring (pipelines/transport.py) -> handed to the
+main process as uint8 -> normalised to float32 there (Modality.finish).
 The reference is a plain single-process loop that only decodes the same JPEG
 bytes (already in memory) with PIL into RGB arrays. The pipeline is timed
 from its first batch on (the steady state; the workers' start-up is paid

@@ -58,7 +58,7 @@ from webdataset.tariterators import base_plus_ext
 
 from polymae.shared.errors import BadInput
 from polymae.shared.masking import Masker
-from polymae.shared.memory import reuse_freed_memory
+from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
@@ -423,8 +423,12 @@ class Loader:
                                  num_workers=num_workers, persistent_workers=workers,
                                  worker_init_fn=single_threaded_worker if workers else None,
                                  prefetch_factor=prefetch_factor if workers else None)
+        self.workers_started = not workers
 
     def __iter__(self) -> Iterator[Batch]:
+        if not self.workers_started:  # the first pass forks the workers: share no free pages with them
+            release_free_memory()
+            self.workers_started = True
         for message in self.loader:
             batch, slot = self.ring.unpack(message) if self.ring is not None else (message, None)
             if self.device is not None:
