@@ -410,10 +410,11 @@ class Loader:
 
     Iterate it once per epoch: its workers persist between passes and each pass reads the
     stream's current `set_epoch`. A pass left early (a resumed run skipping ahead, the
-    last step) is drained by the next one."""
+    last step) is drained by the next one. `start_method` ("fork", "spawn", "forkserver";
+    None: the platform's default) is how the workers start."""
 
     def __init__(self, stream: ShardStream, num_workers: int, device: torch.device | str | None = None,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, start_method: str | None = None):
         reuse_freed_memory()  # what the batches are finished and copied into is reused, not faulted in afresh
         self.finish, self.device = stream.modality.finish, device
         workers = num_workers > 0
@@ -422,7 +423,8 @@ class Loader:
         self.loader = DataLoader(RingFeed(stream, self.ring) if workers else stream, batch_size=None,
                                  num_workers=num_workers, persistent_workers=workers,
                                  worker_init_fn=single_threaded_worker if workers else None,
-                                 prefetch_factor=prefetch_factor if workers else None)
+                                 prefetch_factor=prefetch_factor if workers else None,
+                                 multiprocessing_context=start_method if workers else None)
         self.workers_started = not workers
 
     def __iter__(self) -> Iterator[Batch]:

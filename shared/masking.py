@@ -138,8 +138,26 @@ class ColourNoiseMasker(Masker):
         return crop.reshape(-1)
 
 
-for _colour in COLOUR_FILTERS:
-    MASKERS.register(_colour, type(f"{_colour.title()}NoiseMasker", (ColourNoiseMasker,), {"colour": _colour}))
+# one named class per colour (not made in a loop): a stream holding a masker is pickled to
+# its DataLoader workers wherever they are spawned rather than forked (macOS, CUDA runs)
+@MASKERS.register("red")
+class RedNoiseMasker(ColourNoiseMasker):
+    colour = "red"
+
+
+@MASKERS.register("blue")
+class BlueNoiseMasker(ColourNoiseMasker):
+    colour = "blue"
+
+
+@MASKERS.register("green")
+class GreenNoiseMasker(ColourNoiseMasker):
+    colour = "green"
+
+
+@MASKERS.register("purple")
+class PurpleNoiseMasker(ColourNoiseMasker):
+    colour = "purple"
 
 
 def build_masker(name: str, ratio: float, **options) -> Masker:

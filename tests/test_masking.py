@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 
 import numpy as np
 import pytest
@@ -165,8 +166,11 @@ def test_masker_seeding(name, grid, image_tokens):
     assert torch.equal(first.hidden, again.hidden)
     assert torch.equal(first.ids_shuffle, again.ids_shuffle)
     assert not torch.equal(first.hidden, other.hidden)
-    # a fresh masker object (as in another data worker) gives the same mask for the same seed
+    # a fresh masker object (as in another data worker) gives the same mask for the same seed, and so
+    # does a pickled copy (as a data worker that is spawned, not forked, receives it)
     assert torch.equal(build_masker(name, 0.75)(tokens, torch.Generator().manual_seed(7)).hidden, first.hidden)
+    shipped = pickle.loads(pickle.dumps(masker))
+    assert torch.equal(shipped(tokens, torch.Generator().manual_seed(7)).ids_shuffle, first.ids_shuffle)
 
 
 @pytest.mark.parametrize("name", MASKER_NAMES)

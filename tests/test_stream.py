@@ -318,6 +318,21 @@ def test_a_workers_batches_cross_in_a_reused_shared_block_of_uint8_pixels(digits
     assert not any(t.is_shared() for t in (kept[0].tokens.values, kept[0].mask.hidden, kept[0].labels))
 
 
+def test_spawned_workers_deliver_what_forked_ones_do(digits, modality):
+    """Spawned workers (macOS's default, and CUDA runs') receive the stream pickled, ColorMAE
+    masker and shared-memory ring included, and deliver the same batches."""
+    stream = ShardStream(resolve_shards(digits[0]), modality, build_masker("green", 0.75), batch_size=256,
+                         train=True, shuffle_buffer=300, seed=3)
+    forked = {key: (b.tokens.values[i], b.mask.hidden[i]) for b in Loader(stream, num_workers=2)
+              for i, key in enumerate(b.keys)}
+    spawned = list(Loader(stream, num_workers=2, start_method="spawn"))
+    assert sorted(key for b in spawned for key in b.keys) == sorted(forked)
+    for batch in spawned:
+        for i, key in enumerate(batch.keys):
+            assert torch.equal(batch.tokens.values[i], forked[key][0])
+            assert torch.equal(batch.mask.hidden[i], forked[key][1])
+
+
 class RawPixels(ImageModality):
     """An image modality whose tokens need no finishing: the uint8 values reach the caller as they crossed."""
 
