@@ -112,30 +112,27 @@ def colour_noise_bank(colour: str, count: int = 8, size: int = 128, seed: int = 
 class ColourNoiseMasker(Masker):
     """ColorMAE: hide the tokens where a crop of precomputed coloured noise is highest.
 
-    The bank is filtered once at construction; each sample takes a random
-    pattern, a random crop of the token-grid size and random flips, so a
-    colour mask costs a crop and a sort, as random masking costs a sort.
+    The bank is filtered once at construction and held in its four flips; each
+    sample takes a random pattern in a random flip and a random crop of the
+    token-grid size (one draw of three numbers), so a colour mask costs a crop
+    and a sort, as random masking costs a sort.
     """
 
     colour = ""
 
     def __init__(self, ratio: float = 0.75, bank_count: int = 8, bank_size: int = 128, seed: int = 0):
         super().__init__(ratio)
-        self.bank = colour_noise_bank(self.colour, bank_count, bank_size, seed)
+        bank = colour_noise_bank(self.colour, bank_count, bank_size, seed)
+        self.bank = torch.cat([bank, bank.flip(1), bank.flip(2), bank.flip(1, 2)])
 
     def scores(self, tokens, generator):
         h, w = grid_2d(tokens, f"{self.colour} noise")
         count, size, _ = self.bank.shape
         if h > size or w > size:
             raise ValueError(f"token grid {h}x{w} is larger than the {size}^2 noise bank; raise bank_size")
-        i, top, left, flips = (int(torch.randint(0, hi, (1,), generator=generator))
-                               for hi in (count, size - h + 1, size - w + 1, 4))
-        crop = self.bank[i, top:top + h, left:left + w]
-        if flips & 1:
-            crop = crop.flip(0)
-        if flips & 2:
-            crop = crop.flip(1)
-        return crop.reshape(-1)
+        pattern, top, left = (min(int(u * n), n - 1) for u, n in
+                              zip(torch.rand(3, generator=generator).tolist(), (count, size - h + 1, size - w + 1)))
+        return self.bank[pattern, top:top + h, left:left + w].reshape(-1)
 
 
 # one named class per colour (not made in a loop): a stream holding a masker is pickled to
