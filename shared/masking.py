@@ -8,6 +8,8 @@ Maskers run in the data workers; they are plain functions of (tokens, rng).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -118,11 +120,13 @@ class ColourNoiseMasker(Masker):
     and a sort, as random masking costs a sort.
     """
 
-    colour = ""
-
-    def __init__(self, ratio: float = 0.75, bank_count: int = 8, bank_size: int = 128, seed: int = 0):
+    def __init__(self, ratio: float = 0.75, *, colour: str, bank_count: int = 8, bank_size: int = 128,
+                 seed: int = 0):
         super().__init__(ratio)
-        bank = colour_noise_bank(self.colour, bank_count, bank_size, seed)
+        if colour not in COLOUR_FILTERS:
+            raise ValueError(f"noise colour must be one of {', '.join(COLOUR_FILTERS)}; got {colour!r}")
+        self.colour = colour
+        bank = colour_noise_bank(colour, bank_count, bank_size, seed)
         self.bank = torch.cat([bank, bank.flip(1), bank.flip(2), bank.flip(1, 2)])
 
     def scores(self, tokens, generator):
@@ -134,27 +138,15 @@ class ColourNoiseMasker(Masker):
                               zip(torch.rand(3, generator=generator).tolist(), (count, size - h + 1, size - w + 1)))
         return self.bank[pattern, top:top + h, left:left + w].reshape(-1)
 
-
-# one named class per colour (not made in a loop): a stream holding a masker is pickled to
-# its DataLoader workers wherever they are spawned rather than forked (macOS, CUDA runs)
-@MASKERS.register("red")
-class RedNoiseMasker(ColourNoiseMasker):
-    colour = "red"
+    def __repr__(self) -> str:
+        return f"ColourNoiseMasker(ratio={self.ratio}, colour={self.colour!r})"
 
 
-@MASKERS.register("blue")
-class BlueNoiseMasker(ColourNoiseMasker):
-    colour = "blue"
-
-
-@MASKERS.register("green")
-class GreenNoiseMasker(ColourNoiseMasker):
-    colour = "green"
-
-
-@MASKERS.register("purple")
-class PurpleNoiseMasker(ColourNoiseMasker):
-    colour = "purple"
+# one class, registered per colour with the colour bound: every masker is an instance of a class
+# the module names, so a stream holding one pickles to DataLoader workers that are spawned
+# rather than forked (macOS, CUDA runs)
+for _colour in COLOUR_FILTERS:
+    MASKERS.register(_colour, functools.partial(ColourNoiseMasker, colour=_colour))
 
 
 def build_masker(name: str, ratio: float, **options) -> Masker:
