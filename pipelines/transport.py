@@ -153,7 +153,9 @@ class BatchRing:
 
     def release(self, batch: Batch, where: tuple[int, int] | None) -> Batch:
         """Copy out what still points into the slot's block (what moving and finishing the batch
-        did not already replace), then let the worker have the slot again."""
+        did not already replace), then let the worker have the slot again. (A copy to a GPU has
+        read the block by the time `Batch.to` returns: CUDA stages pageable memory, which the
+        block is, before an asynchronous copy returns.)"""
         if where is None:
             return batch
         base = self.mapped[where][1].untyped_storage().data_ptr()
