@@ -40,6 +40,11 @@ FREE, BUSY = 0, 1
 GROWTH = 1.25  # a slot that must grow gets this headroom, so batches of varying size settle quickly
 
 
+def flag_index(worker: int, slot: int, slots: int) -> int:
+    """Where a worker's slot keeps its free/busy flag in the shared array."""
+    return worker * slots + slot
+
+
 @dataclass(frozen=True)
 class BlockView:
     """Where one tensor of a packed batch lies in its block."""
@@ -71,7 +76,7 @@ class RingWriter:
         self.current: int | None = None  # the slot of the batch being made, until it is packed
 
     def flag(self, slot: int) -> int:
-        return self.worker * self.slots + slot
+        return flag_index(self.worker, slot, self.slots)
 
     def new_pass(self) -> None:
         """Every batch of the previous pass is consumed or discarded: all slots free, and the
@@ -160,7 +165,7 @@ class BatchRing:
             return batch
         base = self.mapped[where][1].untyped_storage().data_ptr()
         batch = batch.map_tensors(lambda t: t.clone() if t.untyped_storage().data_ptr() == base else t)
-        self.flags[where[0] * self.slots + where[1]] = FREE
+        self.flags[flag_index(*where, self.slots)] = FREE
         return batch
 
 
