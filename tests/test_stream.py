@@ -343,7 +343,7 @@ class RawPixels(ImageModality):
 def test_batches_that_need_no_finishing_are_copied_out_before_their_slot_is_reused(digits, masker):
     raw = RawPixels({"image_size": [8, 8], "patch_size": 2, "channels": 1, "hflip": False})
     stream = ShardStream(resolve_shards(digits[0]), raw, masker, batch_size=32, train=True, shuffle_buffer=100)
-    kept = list(Loader(stream, num_workers=2))  # 57 batches through 2 x 6 slots
+    kept = list(Loader(stream, num_workers=2))  # ~57 batches through 2 workers x 6 slots, all held
     in_process = {key: (b.tokens.values[i], b.mask.hidden[i]) for b in Loader(stream, num_workers=0)
                   for i, key in enumerate(b.keys)}
     assert sum(map(len, kept)) == NUM_DIGITS
