@@ -88,14 +88,20 @@ def decode_only(jpegs: list[bytes]) -> float:
     return len(jpegs) / (time.perf_counter() - start)
 
 
-def pipeline_loader(modality, shards: list[str], masker_name: str, batch: int, workers: int):
-    """The Loader a training run would hold: its workers persist from one epoch to the next."""
-    from polymae.pipelines.stream import Loader, ShardStream
+def pipeline_stream(modality, shards: list[str], masker_name: str, batch: int):
+    """The training stream every measurement here reads: shuffled, augmented, masked at 0.75."""
+    from polymae.pipelines.stream import ShardStream
     from polymae.shared.masking import build_masker
 
-    stream = ShardStream(shards, modality, build_masker(masker_name, 0.75), batch_size=batch, train=True,
-                         shuffle_buffer=200, seed=0)
-    return Loader(stream, num_workers=workers)
+    return ShardStream(shards, modality, build_masker(masker_name, 0.75), batch_size=batch, train=True,
+                       shuffle_buffer=200, seed=0)
+
+
+def pipeline_loader(modality, shards: list[str], masker_name: str, batch: int, workers: int):
+    """The Loader a training run would hold: its workers persist from one epoch to the next."""
+    from polymae.pipelines.stream import Loader
+
+    return Loader(pipeline_stream(modality, shards, masker_name, batch), num_workers=workers)
 
 
 def pipeline_pass(loader) -> tuple[float, int]:
@@ -115,11 +121,9 @@ def pipeline_pass(loader) -> tuple[float, int]:
 def stage_costs(modality, shards: list[str], batch: int) -> dict:
     """Milliseconds per image of each stage, all in this process (no workers, no transfer): where
     the time goes, and the best two workers could do if shipping batches cost nothing."""
-    from polymae.pipelines.stream import Loader, ShardStream
-    from polymae.shared.masking import build_masker
+    from polymae.pipelines.stream import Loader
 
-    stream = ShardStream(shards, modality, build_masker("random", 0.75), batch_size=batch, train=True,
-                         shuffle_buffer=200, seed=0)
+    stream = pipeline_stream(modality, shards, "random", batch)
     start, images = time.perf_counter(), 0
     for b in Loader(stream, num_workers=0):
         images += len(b)

@@ -300,31 +300,37 @@ class ShardStream(IterableDataset):
         in the same order as alone). One stage's code and tables stay in cache over the group:
         0.56-0.59 -> 0.51 ms per 224px image in one process (benchmarks/pipeline.py). A bad
         record is counted and left out at the stage that finds it."""
-        start = time.perf_counter()
-        decoded = []
-        for sample in samples:
-            try:
-                decoded.append((sample, label_of(sample), self.decode(sample)))
-            except BadInput as error:
-                self.count_skip(error, skipped)
-        after_decode = time.perf_counter()
-        tokenized = []
-        for sample, label, payload in decoded:
+        def decode(sample):
+            return sample, label_of(sample), self.decode(sample)
+
+        def tokenize(record):
+            sample, label, payload = record
             generator = self.sample_generator(sample)
-            try:
-                tokenized.append((sample, label, generator, self.modality.tokenize(payload, generator, self.train)))
-            except BadInput as error:
-                self.count_skip(error, skipped)
+            return sample, label, generator, self.modality.tokenize(payload, generator, self.train)
+
+        def mask(record):
+            sample, label, generator, tokens = record
+            return tokens, self.masker(tokens, generator), label, sample["__key__"]
+
+        start = time.perf_counter()
+        decoded = self.good_ones(samples, decode, skipped)
+        after_decode = time.perf_counter()
+        tokenized = self.good_ones(decoded, tokenize, skipped)
         after_tokenize = time.perf_counter()
-        items = []
-        for sample, label, generator, tokens in tokenized:
-            try:
-                items.append((tokens, self.masker(tokens, generator), label, sample["__key__"]))
-            except BadInput as error:
-                self.count_skip(error, skipped)
+        items = self.good_ones(tokenized, mask, skipped)
         self.stage_seconds.update(decode=after_decode - start, tokenize=after_tokenize - after_decode,
                                   mask=time.perf_counter() - after_tokenize)
         return items
+
+    def good_ones(self, records: list, stage, skipped: Counter) -> list:
+        """`stage(record)` for each record; one whose stage raises BadInput is counted and left out."""
+        done = []
+        for record in records:
+            try:
+                done.append(stage(record))
+            except BadInput as error:
+                self.count_skip(error, skipped)
+        return done
 
     def make_batch(self, items: list[tuple], skipped: Counter) -> Batch:
         start = time.perf_counter()

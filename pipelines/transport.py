@@ -40,6 +40,11 @@ FREE, BUSY = 0, 1
 GROWTH = 1.25  # a slot that must grow gets this headroom, so batches of varying size settle quickly
 
 
+def shared_block(nbytes: int) -> Tensor:
+    """`nbytes` of shared memory as a uint8 tensor."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
+
+
 def flag_index(worker: int, slot: int, slots: int) -> int:
     """Where a worker's slot keeps its free/busy flag in the shared array."""
     return worker * slots + slot
@@ -94,11 +99,11 @@ class RingWriter:
                 break
         else:
             self.current = None
-            return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
+            return shared_block(nbytes)
         block = self.blocks[slot]
         if block is None or block.numel() < nbytes:
             size = nbytes if block is None else int(nbytes * GROWTH)
-            block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+            block = shared_block(size)
             self.blocks[slot], self.sent[slot] = block, False
             self.generations[slot] += 1
         self.flags[self.flag(slot)] = BUSY

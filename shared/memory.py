@@ -22,16 +22,24 @@ TRIM_THRESHOLD = 1 << 30    # give the heap's free top back only once a GiB of i
 
 
 @functools.cache
+def glibc():
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Tune glibc's malloc (once per process; forked workers inherit it). False where the C
     library is not glibc (macOS, musl): nothing changes there."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    libc = glibc()
+    if libc is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                      TRIM_THRESHOLD))
 
 
 def release_free_memory() -> bool:
@@ -42,7 +50,5 @@ def release_free_memory() -> bool:
     page copies it, and so does each child's: after benchmarks/visible_only.py had left
     2.3 GB of freed activations in the process, a data loader forked from it ran at a
     third of its speed (1,068 vs 2,734 images/s), page copies taking the difference."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
-    except (OSError, AttributeError, TypeError):
-        return False
+    libc = glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
