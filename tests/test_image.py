@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from polymae.modalities.image.adapters import decode_image, encode_png, read_source
+from polymae.modalities.image.adapters import decode_image, decode_jpeg_rgb, encode_png, read_source
 from polymae.modalities.image.augment import random_hflip, random_resized_crop, random_resized_crop_box
 from polymae.modalities.image.modality import ImageModality
 from polymae.modalities.image.tokenizer import grid_coords, patchify, unpatchify
@@ -284,6 +285,58 @@ def test_decode_png_and_jpeg(astronaut, camera):
     assert decode_image(encode(camera, "JPEG"), "camera.jpg", 3).shape == (3, 512, 512)  # grey -> RGB
     rgba = np.concatenate([astronaut, np.full((512, 512, 1), 255, np.uint8)], axis=-1)
     assert torch.equal(decode_image(encode(rgba, "PNG"), "rgba.png", 3), chw(astronaut))
+
+
+def jpeg_variants(astronaut, camera):
+    """The JPEG kinds a photo collection holds: camera files (scikit-learn ships two), every chroma
+    subsampling, progressive, low and high quality, greyscale, an odd size."""
+    from sklearn.datasets import images
+
+    folder = Path(images.__file__).parent
+    variants = {name: (folder / name).read_bytes() for name in ("china.jpg", "flower.jpg")}
+    for subsampling in (0, 1, 2):  # 4:4:4, 4:2:2, 4:2:0
+        variants[f"subsampling{subsampling}"] = encode(astronaut, "JPEG", quality=90, subsampling=subsampling)
+    variants["progressive"] = encode(astronaut, "JPEG", quality=75, progressive=True)
+    variants["quality20"] = encode(astronaut, "JPEG", quality=20)
+    variants["grey"] = encode(camera, "JPEG", quality=90)
+    variants["odd_size"] = encode(astronaut[:317, :243], "JPEG", quality=90)
+    return variants
+
+
+def test_jpeg_fast_path_gives_pils_pixels_bit_for_bit(astronaut, camera):
+    """decode_image reads JPEGs with libjpeg-turbo directly (simplejpeg): the same pixels PIL
+    gives, for every kind of JPEG here."""
+    for name, data in jpeg_variants(astronaut, camera).items():
+        fast = decode_jpeg_rgb(data)
+        assert fast is not None, name
+        with Image.open(io.BytesIO(data)) as image:
+            expected = np.asarray(image.convert("RGB"))
+        assert fast.shape == expected.shape and np.array_equal(fast, expected), name
+        assert torch.equal(decode_image(data, name, 3), torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_jpeg_fast_path_declines_what_pil_must_handle(astronaut):
+    """CMYK JPEGs, other formats, damaged bytes and images above PIL's decompression-bomb limit go
+    to PIL, so the pixels, or the reason for rejecting a file, are PIL's."""
+    buffer = io.BytesIO()
+    Image.fromarray(astronaut).convert("CMYK").save(buffer, format="JPEG", quality=90)
+    cmyk = buffer.getvalue()
+    png, jpeg = encode(astronaut, "PNG"), encode(astronaut, "JPEG", quality=90)
+    for data in (cmyk, png, jpeg[: len(jpeg) // 2], b""):
+        assert decode_jpeg_rgb(data) is None
+    with Image.open(io.BytesIO(cmyk)) as image:
+        expected = np.asarray(image.convert("RGB"))
+    assert torch.equal(decode_image(cmyk, "cmyk.jpg", 3), torch.from_numpy(expected).permute(2, 0, 1))
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 512 * 512 - 1  # the astronaut (512 x 512) is now over it
+        assert decode_jpeg_rgb(jpeg) is None
+        with pytest.raises(BadInput) as caught:  # over twice the limit, PIL refuses the file
+            Image.MAX_IMAGE_PIXELS = 512 * 512 // 2 - 1
+            decode_image(jpeg, "bomb.jpg", 3)
+        assert caught.value.kind == "corrupt_image" and "DecompressionBombError" in str(caught.value)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_decode_16_bit_grey_png(camera):
