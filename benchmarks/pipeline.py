@@ -180,7 +180,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="polymae-bench-") as folder:
         shards = write(jpegs, Path(folder), args.per_shard)
-        assert all(np.array_equal(decode_with_pil(data), decode_with_turbo(data)) for data in jpegs[:50])
+        assert all(np.array_equal(decode_with_pil(data), decode_with_turbo(data)) for data in jpegs[:50]), \
+            "PIL and simplejpeg decode these JPEGs to different pixels: the two loops are not comparable"
         for decode in DECODERS.values():
             decode_only(jpegs[:20], decode)  # warm-up
         loaders = {masker: pipeline_loader(modality, shards, masker, args.batch, args.workers)
