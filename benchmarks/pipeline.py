@@ -18,8 +18,8 @@ persist across epochs, already running (a first, untimed epoch starts
 them), each epoch from its first batch to its last.
 
 Prints images/s of each, the ratios (target >= 0.9x of the pipeline's own
-decoder: the pipeline keeps up with bare decoding), and the pipeline with ColorMAE's green-noise masker vs
-random masking (target: within 10%).
+decoder: the pipeline keeps up with bare decoding), and the pipeline with
+ColorMAE's green-noise masker vs random masking (target: within 10%).
 
     python benchmarks/pipeline.py [--images 2000] [--workers 2] [--repeats 3] [--quick]
 """
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     out.update({f"{k}_images_per_s": v for k, v in best.items()})
     out["all_runs"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
     out["first_epoch_images_per_s"] = first_epoch
-    # each round runs decode-only, random and green back to back: the median of the rounds' ratios
+    # each round runs decode-only (both decoders), random and green back to back: the median of the rounds' ratios
     # holds when the machine's speed drifts between rounds (best-of-each would pair different rounds)
     out["ratio"] = median([r / d for r, d in zip(rates["random"], rates["decode"])])
     out["ratio_pil"] = median([r / d for r, d in zip(rates["random"], rates["decode_pil"])])

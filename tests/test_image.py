@@ -331,8 +331,8 @@ def test_jpeg_fast_path_declines_what_pil_must_handle(astronaut):
     try:
         Image.MAX_IMAGE_PIXELS = 512 * 512 - 1  # the astronaut (512 x 512) is now over it
         assert decode_jpeg_rgb(jpeg) is None
-        with pytest.raises(BadInput) as caught:  # over twice the limit, PIL refuses the file
-            Image.MAX_IMAGE_PIXELS = 512 * 512 // 2 - 1
+        Image.MAX_IMAGE_PIXELS = 512 * 512 // 2 - 1  # over twice the limit, PIL refuses the file
+        with pytest.raises(BadInput) as caught:
             decode_image(jpeg, "bomb.jpg", 3)
         assert caught.value.kind == "corrupt_image" and "DecompressionBombError" in str(caught.value)
     finally:
