@@ -279,7 +279,7 @@ def test_decode_png_and_jpeg(astronaut, camera):
     assert (jpeg.float() - chw(astronaut).float()).abs().mean() < 3  # lossy, but the same picture
     grey = decode_image(encode(astronaut, "PNG"), "astronaut.png", 1)
     assert grey.shape == (1, 512, 512)
-    expected = np.asarray(Image.fromarray(astronaut).convert("L"))
+    expected = np.array(Image.fromarray(astronaut).convert("L"))
     assert torch.equal(grey[0], torch.from_numpy(expected))
     assert torch.equal(decode_image(encode(camera, "PNG"), "camera.png", 1), chw(camera))
     assert decode_image(encode(camera, "JPEG"), "camera.jpg", 3).shape == (3, 512, 512)  # grey -> RGB
@@ -310,7 +310,7 @@ def test_jpeg_fast_path_gives_pils_pixels_bit_for_bit(astronaut, camera):
         fast = decode_jpeg_rgb(data)
         assert fast is not None, name
         with Image.open(io.BytesIO(data)) as image:
-            expected = np.asarray(image.convert("RGB"))
+            expected = np.array(image.convert("RGB"))
         assert fast.shape == expected.shape and np.array_equal(fast, expected), name
         assert torch.equal(decode_image(data, name, 3), torch.from_numpy(expected).permute(2, 0, 1))
 
@@ -325,7 +325,7 @@ def test_jpeg_fast_path_declines_what_pil_must_handle(astronaut):
     for data in (cmyk, png, jpeg[: len(jpeg) // 2], b""):
         assert decode_jpeg_rgb(data) is None
     with Image.open(io.BytesIO(cmyk)) as image:
-        expected = np.asarray(image.convert("RGB"))
+        expected = np.array(image.convert("RGB"))
     assert torch.equal(decode_image(cmyk, "cmyk.jpg", 3), torch.from_numpy(expected).permute(2, 0, 1))
     limit = Image.MAX_IMAGE_PIXELS
     try:
