@@ -21,8 +21,9 @@ is a flag in shared memory that only the main process clears, after its copy-out
 worker never writes into a block the main process may still read: a worker that finds
 every slot busy (more batches in flight than the ring holds) stacks into a one-off
 segment, as PyTorch would. What the Loader yields is copied out, so a caller may keep
-batches as long as it likes without holding a slot. Each pass starts with the worker's whole ring free: by then the main
-process has consumed or, leaving a pass early, discarded all the worker's batches.
+batches as long as it likes without holding a slot. Each pass starts with the worker's
+whole ring free: by then the main process has consumed or, leaving a pass early,
+discarded all the worker's batches.
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ Maskers run in the data workers; they are plain functions of (tokens, rng).
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
