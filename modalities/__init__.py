@@ -1,16 +1,33 @@
-"""Modality packages. Importing this registers every modality that is installed.
+"""Modality packages, found through the `polymae.modalities` entry-point group.
 
-A modality whose optional dependencies are missing is skipped here and
-reported by `polymae info`, so a core install still works for images.
+Every installed distribution may name modules in that group (polymae's own
+are in pyproject.toml; a lab's modality can live in its own pip package with
+one entry-point line). Importing this package imports each of them, and a
+module registers its modalities in `polymae.shared.registry.MODALITIES` as
+it is imported. One whose optional dependencies are missing is skipped here
+and reported by `polymae info`, so a core install still works for images.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 
+ENTRY_POINT_GROUP = "polymae.modalities"
 UNAVAILABLE: dict[str, str] = {}
+LOADED: dict[str, str] = {}
 
-for _name in ("image", "pointcloud", "voxel"):
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ImportError as err:  # an optional extra is not installed
-        UNAVAILABLE[_name] = str(err)
+
+def load_modalities() -> dict[str, str]:
+    """Import every module the entry-point group names (again when new ones appear); {name: module}."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in LOADED or entry.name in UNAVAILABLE:
+            continue
+        try:
+            entry.load()
+        except ImportError as err:  # an optional extra is not installed
+            UNAVAILABLE[entry.name] = str(err)
+            continue
+        LOADED[entry.name] = entry.value
+    return dict(LOADED)
+
+
+load_modalities()

@@ -52,7 +52,7 @@ def cmd_probe(args) -> None:
     from .runs import load_run, split_shards
 
     parts, checkpoint = load_run(args.run)
-    train, val = split_shards(parts.config, parts.modality)
+    train, val = split_shards(parts.config, parts.streams)
     if val is None:
         raise ConfigError("probing needs a labelled held-out split: set data.val_shards or data.val_fraction")
     print(f"probing {checkpoint}")
@@ -66,14 +66,16 @@ def cmd_reconstruct(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from polymae.shared.hf_interop import save_hf_folder
-
     from .runs import load_run
 
     parts, checkpoint = load_run(args.run)
-    folder = save_hf_folder(parts.model, args.out, encoder_only=args.encoder_only,
-                            norm_pix_loss=parts.norm_pix, mask_ratio=parts.masker.ratio)
-    kind = "ViTMAEModel" if args.encoder_only else "ViTMAEForPreTraining"
+    if len(parts.streams) != 1 or not hasattr(parts.streams[0].modality, "export_weights"):
+        raise ConfigError(f"{checkpoint}: export writes a one-stream run whose modality has a Hugging Face "
+                          f"counterpart (image: ViTMAE); this run's streams are "
+                          f"{[(s.name, s.modality.name) for s in parts.streams]}")
+    spec = parts.streams[0]
+    folder, kind = spec.modality.export_weights(parts.model, args.out, encoder_only=args.encoder_only,
+                                                norm_pix=parts.norm_pix(spec.name), mask_ratio=spec.masker.ratio)
     print(f"{folder}: {checkpoint} as a Hugging Face {kind} (from_pretrained loads it)")
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from polymae.shared import distributed
 from polymae.shared.config import Config, dump_config
 from polymae.shared.errors import ConfigError
-from polymae.shared.objectives import to_value_space
 from polymae.shared.trainer import Trainer
 
 from .probe import format_probe, probe
-from .runs import RunParts, build_parts, load_run, split_shards
+from .runs import build_parts, draw_streams, load_run, split_shards
 from .shards import manifest_counts
 from .stream import Loader, ShardStream
 
@@ -28,13 +27,6 @@ def new_run_dir(config: Config) -> Path:
         n += 1
         candidate = root / f"{config.name}-{n}"
     return candidate
-
-
-def picture_fn(parts: RunParts):
-    def draw(batch, out):
-        pred = to_value_space(out["pred"], batch.tokens.values.float(), parts.norm_pix)
-        return parts.modality.render(batch.tokens, batch.mask, pred)
-    return draw
 
 
 def batches_per_rank(config: Config, train_shards: list[str], world_size: int) -> int | None:
@@ -71,15 +63,16 @@ def pretrain(config: Config, resume: Path | None = None) -> dict:
 def run(config: Config, context: distributed.DistributedContext, resume: Path | None) -> dict:
     parts = build_parts(config, start_weights=resume is None)  # a resumed run has its own weights
     if context.is_main:  # shard once, before the others look for the shards
-        train_shards, val_shards = split_shards(config, parts.modality)
+        train_shards, val_shards = split_shards(config, parts.streams)
     distributed.barrier()
     if not context.is_main:
-        train_shards, val_shards = split_shards(config, parts.modality)
+        train_shards, val_shards = split_shards(config, parts.streams)
     run_dir = Path(resume) if resume else Path(distributed.all_gather_objects(str(new_run_dir(config)))[0])
     data = config.data
-    stream = ShardStream(train_shards, parts.modality, parts.masker, batch_size=data.batch_size, train=True,
+    stream = ShardStream(train_shards, parts.streams, batch_size=data.batch_size, train=True,
                          shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,
-                         batches_per_epoch=batches_per_rank(config, train_shards, context.world_size))
+                         batches_per_epoch=batches_per_rank(config, train_shards, context.world_size),
+                         visible_budget=config.budget.visible, budget_alpha=config.budget.alpha)
 
     loader = Loader(stream, data.num_workers, device=context.device)
 
@@ -89,8 +82,8 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
             if i >= start:  # resuming mid-epoch: replay the epoch's deterministic order up to the position
                 yield batch
 
-    trainer = Trainer(parts.model, config.trainer, run_dir, parts.loss, config_text=dump_config(config),
-                      picture_fn=picture_fn(parts), context=context)
+    trainer = Trainer(parts.module, config.trainer, run_dir, config_text=dump_config(config),
+                      picture_fn=lambda batch, outputs: draw_streams(parts, batch, outputs), context=context)
     if resume and not trainer.resume():
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there to resume from")
     if context.is_main:

@@ -25,26 +25,40 @@ def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, m
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) for a labelled split; `model=None` gives the raw token values."""
     data = parts.config.data
-    stream = ShardStream(shards, parts.modality, build_masker("random", 0.0), batch_size=data.batch_size,
-                         train=False, seed=data.seed, split_by_rank=False)
+    nothing_hidden = build_masker("random", 0.0)
+    stream = ShardStream(shards, [spec._replace(masker=nothing_hidden) for spec in parts.streams],
+                         batch_size=data.batch_size, train=False, seed=data.seed, split_by_rank=False)
     features, labels = [], []
     if model is not None:
         model.eval().to(device)
-    for batch in Loader(stream, data.num_workers):
+    for batch in Loader(stream, data.num_workers, device=device if model is not None else None):
         if len(batch) == 0:
             continue
         if batch.labels is None:
             raise ValueError(f"probing needs labelled shards; {shards[0]} has records without a 'cls' label")
-        tokens = batch.tokens
         if model is None:
-            features.append(tokens.values.flatten(1).float())
+            features.append(raw_features(parts, batch))
         else:
-            features.append(model.features(tokens.values.to(device), tokens.coords.to(device),
-                                           None if tokens.valid is None else tokens.valid.to(device)).float().cpu())
+            features.append(model.features(batch).float().cpu())
         labels.append(batch.labels)
         if sum(len(f) for f in features) >= max_samples:
             break
     return torch.cat(features)[:max_samples].numpy(), torch.cat(labels)[:max_samples].numpy()
+
+
+def raw_features(parts: RunParts, batch) -> torch.Tensor:
+    """The baseline features of each stream, side by side: its token values flattened, or for a
+    discrete stream its bag of ids (counts per vocabulary entry, padding left out)."""
+    columns = []
+    for spec in parts.streams:
+        tokens = batch.streams[spec.name]
+        if tokens.values is not None:
+            columns.append(tokens.values.flatten(1).float())
+            continue
+        counts = torch.zeros(len(batch), spec.modality.vocab_size)
+        weights = torch.ones(tokens.ids.shape) if tokens.valid is None else tokens.valid.float()
+        columns.append(counts.scatter_add_(1, tokens.ids.cpu(), weights.cpu()))
+    return torch.cat(columns, dim=1)
 
 
 def linear_probe_accuracy(train_x, train_y, test_x, test_y) -> float:
@@ -71,7 +85,7 @@ def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> di
     device = pick_device(parts.config.trainer.device)
     random_init = build_parts(parts.config).model
     results = {}
-    for name, model in (("raw", None), ("random_init", random_init), ("pretrained", parts.model)):
+    for name, model in ((raw_name(parts), None), ("random_init", random_init), ("pretrained", parts.model)):
         train_x, train_y = extract(parts, train_shards, model, cfg.max_samples, device)
         val_x, val_y = extract(parts, val_shards, model, cfg.max_samples, device)
         results[name] = {"linear": linear_probe_accuracy(train_x, train_y, val_x, val_y),
@@ -80,9 +94,15 @@ def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> di
     return results
 
 
+def raw_name(parts: RunParts) -> str:
+    """What the baseline row is called: raw values, or a bag of words for discrete streams only."""
+    return "bag_of_words" if all(spec.modality.vocab_size for spec in parts.streams) else "raw"
+
+
 def format_probe(results: dict) -> str:
-    lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {results['raw']['train_samples']}, "
-             f"held-out {results['raw']['val_samples']})"]
+    first = next(iter(results.values()))
+    lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {first['train_samples']}, "
+             f"held-out {first['val_samples']})"]
     for name, row in results.items():
         lines.append(f"{name:<14}{row['linear']:>9.3f}{row['knn']:>9.3f}")
     return "\n".join(lines)

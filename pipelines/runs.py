@@ -12,78 +12,119 @@ import polymae.modalities  # noqa: F401  (registers the modalities)
 from polymae.shared.checkpoint import load_weights, resolve_checkpoint
 from polymae.shared.config import Config, build
 from polymae.shared.errors import ConfigError
-from polymae.shared.hf_interop import is_hf_folder, load_hf_weights
-from polymae.shared.masking import Masker, build_masker
-from polymae.shared.modality import Modality
-from polymae.shared.model import MaskedAutoencoder
-from polymae.shared.objectives import total_loss
+from polymae.shared.model import build_model
+from polymae.shared.objectives import LossTerms, Pretraining, layers_read
 from polymae.shared.registry import MODALITIES
-from polymae.shared.tokens import Batch
 
 from .shards import resolve_shards, shard_source
+from .stream import StreamSpec
 
 
 @dataclass
 class RunParts:
     config: Config
-    modality: Modality
-    masker: Masker
-    model: MaskedAutoencoder
+    streams: list[StreamSpec]
+    module: Pretraining       # the model and its loss terms: what the trainer optimises
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.module.model
+
+    @property
+    def modalities(self) -> dict:
+        return {spec.name: spec.modality for spec in self.streams}
 
     @property
     def objective(self) -> dict:
-        return self.config.objective or self.modality.default_objective
+        """The recipe's loss terms, or the default terms of each stream's modality."""
+        if self.config.objective:
+            return self.config.objective
+        if len(self.streams) == 1:
+            return self.streams[0].modality.default_objective
+        return {f"{spec.name}_{term}": {**options, "stream": spec.name, "term": options.get("term", term)}
+                for spec in self.streams for term, options in spec.modality.default_objective.items()}
 
-    @property
-    def norm_pix(self) -> bool:
-        return any(options.get("norm_pix", False) for options in self.objective.values())
-
-    def loss(self, model: torch.nn.Module, batch: Batch):
-        tokens = batch.tokens
-        out = model(tokens.values, tokens.coords, batch.mask, tokens.valid)
-        loss, parts = total_loss(self.objective, out, batch)
-        return loss, parts, out
+    def norm_pix(self, stream: str) -> bool:
+        """Whether the stream's reconstruction target is per-token normalised (pictures undo it)."""
+        names = [spec.name for spec in self.streams]
+        return any(options.get("norm_pix", False) for options in self.objective.values()
+                   if options.get("stream", names[0] if len(names) == 1 else None) == stream)
 
 
 def build_parts(config: Config, start_weights: bool = True) -> RunParts:
-    """The modality, masker and the model: freshly initialised (seeded by trainer.seed), then, with
-    `start_weights`, loaded from `model.init_from` when the recipe names weights to start from."""
-    modality = MODALITIES.get(config.modality)(config.modality_options)
-    masker = build_masker(config.mask.name or modality.default_masker, config.mask.ratio, **config.mask.options)
+    """Each stream's modality and masker, the model and its loss terms: freshly initialised
+    (seeded by trainer.seed), then, with `start_weights`, loaded from `model.init_from` when
+    the recipe names weights to start from."""
+    streams = []
+    for name, stream in config.stream_configs().items():
+        try:
+            modality_class = MODALITIES.get(stream.modality)
+        except KeyError as error:
+            raise ConfigError(f"{'modality' if not config.streams else f'streams.{name}.modality'}: "
+                              f"{error.args[0]}") from None
+        where = "modality_options" if not config.streams else f"streams.{name}.options"
+        modality = modality_class(stream.options, payload_keys=stream.keys, where=where)
+        masker = modality.masker(stream.mask.name, stream.mask.ratio, stream.mask.options)
+        streams.append(StreamSpec(name, modality, masker))
     torch.manual_seed(config.trainer.seed)
-    model = modality.build_model(config.model)
+    decoders = {name: stream.decoder for name, stream in config.stream_configs().items()}
+    parts = RunParts(config, streams, None)  # type: ignore[arg-type]
+    model = build_model({spec.name: spec.modality for spec in streams}, decoders, config.model,
+                        taps=layers_read(parts.objective))
+    parts.module = Pretraining(model, LossTerms(parts.objective, [spec.name for spec in streams], model))
     if start_weights and config.model.init_from:
-        load_start_weights(model, config.model.init_from)
-    return RunParts(config, modality, masker, model)
+        load_start_weights(parts, config.model.init_from)
+    return parts
 
 
-def load_start_weights(model: MaskedAutoencoder, source: str) -> None:
-    """`model.init_from`: a local Hugging Face ViTMAE folder (config.json + weights) or a polymae
-    run or checkpoint folder (another recipe's run, continued under this one)."""
+def load_start_weights(parts: RunParts, source: str) -> None:
+    """`model.init_from`: a local Hugging Face folder a stream's modality can import (ViTMAE
+    for images, BERT for text: `Modality.import_weights`) or a polymae run or checkpoint
+    folder (another recipe's run, continued under this one)."""
     path = Path(source).expanduser()
-    if is_hf_folder(path):
-        load_hf_weights(model, path)
-        return
+    if (path / "config.json").is_file():
+        for spec in parts.streams:
+            importer = getattr(spec.modality, "import_weights", None)
+            if importer is not None and importer(parts.model, path, spec.name):
+                return
+        raise ConfigError(f"model.init_from {source}: no stream's modality imports this Hugging Face folder "
+                          f"(streams: {', '.join(s.modality.name for s in parts.streams)})")
     try:
         checkpoint = resolve_checkpoint(path)
     except FileNotFoundError:
         raise ConfigError(f"model.init_from {source}: neither a Hugging Face folder (config.json) nor a polymae "
                           "run or checkpoint folder") from None
     try:
-        load_weights(checkpoint, model)
+        load_weights(checkpoint, parts.model, prefix="model.")
     except RuntimeError as error:  # missing keys or other shapes: another architecture
         first = str(error).strip().splitlines()[1:2] or [str(error)]
         raise ConfigError(f"model.init_from {checkpoint}: its weights do not fit this recipe's model "
                           f"({first[0].strip()}); use the model settings of {checkpoint / 'config.yaml'}") from None
 
 
-def split_shards(config: Config, modality: Modality) -> tuple[list[str], list[str] | None]:
+def validate_all_streams(streams: list[StreamSpec]):
+    def validate(sample: dict) -> None:
+        for spec in streams:
+            spec.modality.decode(sample)
+    return validate
+
+
+def source_reader(streams: list[StreamSpec], source: str):
+    """The stream whose modality offers `source` as a built-in; else the first (folders)."""
+    for spec in streams:
+        if source in spec.modality.sources():
+            return spec.modality
+    return streams[0].modality
+
+
+def split_shards(config: Config, streams: list[StreamSpec]) -> tuple[list[str], list[str] | None]:
     """(train shards, labelled val shards or None), sharding `data.source` first when needed."""
     data = config.data
     folder = Path(data.shards)
     if data.source and not (folder / "train-manifest.json").is_file():
         print(f"sharding {data.source!r} into {folder} ...")
-        shard_source(modality, data.source, folder, val_fraction=data.val_fraction, seed=data.seed)
+        shard_source(source_reader(streams, data.source), data.source, folder, val_fraction=data.val_fraction,
+                     seed=data.seed, validate=validate_all_streams(streams))
     train = resolve_shards(data.shards, prefix="train") if folder.is_dir() else resolve_shards(data.shards)
     if data.val_shards:
         return train, resolve_shards(data.val_shards)
@@ -96,5 +137,33 @@ def load_run(path: str | Path) -> tuple[RunParts, Path]:
     checkpoint = resolve_checkpoint(path)
     config = build(Config, yaml.safe_load((checkpoint / "config.yaml").read_text()))
     parts = build_parts(config, start_weights=False)  # the checkpoint's own weights follow
-    load_weights(checkpoint, parts.model)
+    load_weights(checkpoint, parts.module)
     return parts, checkpoint
+
+
+def draw_streams(parts: RunParts, batch, outputs, rows: int = 8):
+    """Every stream's picture (`Modality.render`: original | masked | reconstruction), one
+    under the other with the stream's name above it when there are several."""
+    from PIL import Image, ImageDraw
+
+    from polymae.shared.objectives import to_value_space
+
+    pictures = []
+    for spec in parts.streams:
+        tokens = batch.streams[spec.name]
+        hidden, _ = batch.stream_mask(spec.name)
+        pred = outputs.pred(spec.name)
+        if tokens.values is not None:
+            pred = to_value_space(pred, tokens.values.float(), parts.norm_pix(spec.name))
+        pictures.append((spec.name, spec.modality.render(tokens, hidden, pred, rows)))
+    if len(pictures) == 1:
+        return pictures[0][1]
+    header = 16
+    width = max(p.width for _, p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height + header for _, p in pictures)), "white")
+    draw, top = ImageDraw.Draw(canvas), 0
+    for name, picture in pictures:
+        draw.text((4, top + 2), f"stream {name}", fill=(0, 0, 0))
+        canvas.paste(picture.convert("RGB"), (0, top + header))
+        top += picture.height + header
+    return canvas

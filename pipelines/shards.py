@@ -230,13 +230,15 @@ def in_validation_split(key: str, val_fraction: float, seed: int) -> bool:
 
 
 def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fraction: float = 0.0, seed: int = 0,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_count: int = DEFAULT_MAX_COUNT) -> dict[str, dict]:
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_count: int = DEFAULT_MAX_COUNT,
+                 validate: Callable[[dict], object] | None = None) -> dict[str, dict]:
     """Shard `modality.read_source(source)` into `out_dir` as a "train" split (and a
     "val" split when `val_fraction > 0`); returns {split: manifest}.
 
-    Every sample is decoded once here, so corrupt files are rejected with a
-    reason in the manifest. A sample the source fails to read has no key to
-    split by; it is listed under the train split's "rejected".
+    Every sample is decoded once here (`validate`, default `modality.decode`; a recipe of
+    several streams decodes every stream's payload), so corrupt files are rejected with a
+    reason in the manifest. A sample the source fails to read has no key to split by; it
+    is listed under the train split's "rejected".
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -245,7 +247,7 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
     try:
         for sample in samples_recording_errors(modality.read_source(source), writers["train"].reject_unreadable):
             split = "val" if in_validation_split(str(sample.get("__key__")), val_fraction, seed) else "train"
-            writers[split].add(sample, validate=modality.decode)
+            writers[split].add(sample, validate=validate or modality.decode)
     except BaseException:
         for writer in writers.values():
             writer.abort()

@@ -1,7 +1,13 @@
 """Reading shards as a training stream.
 
     shard list -> split by node -> split by DataLoader worker -> per-epoch shard shuffle
-    -> tar records -> shuffle buffer -> decode -> tokenize -> mask -> dense Batch
+    -> tar records -> shuffle buffer -> per stream: decode -> tokenize -> mask -> Batch
+
+A record may feed several streams (an image and its caption): each stream's
+modality decodes its own payload and tokenizes it; each stream's masker
+masks it, with its own ratio or with the stream's share of one visible
+budget drawn per sample (MultiMAE's Dirichlet split). A record one of whose
+streams is bad is skipped as a whole, counted by the kind of that error.
 
 Masking runs here, in the data workers, so the accelerator never waits on it.
 
@@ -57,7 +63,7 @@ from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
 from polymae.shared.errors import BadInput
-from polymae.shared.masking import Masker
+from polymae.shared.masking import Masker, split_visible_budget
 from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
@@ -159,13 +165,21 @@ def stream_position(split_by_rank: bool = True) -> StreamPosition:
 # -- batches --------------------------------------------------------------------------------------------
 
 
-def skip_report(skipped: dict[str, int]) -> Batch:
+class StreamSpec(NamedTuple):
+    """One stream of the samples: its name, the modality that reads it, its masker."""
+    name: str
+    modality: Modality
+    masker: Masker
+
+
+def skip_report(skipped: dict[str, int], names: list[str]) -> Batch:
     """An empty Batch carrying only skip counts: a worker's last word when it has
     counts to deliver and no samples left to put them on."""
     empty = torch.empty(0, 0, 0)
     no_ids = torch.empty(0, 0, dtype=torch.long)
     mask = Mask(hidden=torch.empty(0, 0, dtype=torch.bool), ids_shuffle=no_ids, ids_restore=no_ids, num_visible=0)
-    return Batch(tokens=Tokens(values=empty, coords=empty), mask=mask, skipped=dict(skipped))
+    return Batch(streams={name: Tokens(values=empty, coords=empty) for name in names}, mask=mask,
+                 skipped=dict(skipped))
 
 
 def shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
@@ -198,16 +212,20 @@ class ShardStream(IterableDataset):
     process that iterates (with `num_workers=0`, the caller's).
     """
 
-    def __init__(self, shards: list[str], modality: Modality, masker: Masker, batch_size: int, train: bool = True,
+    def __init__(self, shards: list[str], streams: list[StreamSpec], batch_size: int, train: bool = True,
                  shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0,
-                 batches_per_epoch: int | None = None, split_by_rank: bool = True):
+                 batches_per_epoch: int | None = None, split_by_rank: bool = True,
+                 visible_budget: int | None = None, budget_alpha: float = 1.0):
         super().__init__()
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not streams:
+            raise ValueError("ShardStream needs at least one stream")
         self.shards = [str(shard) for shard in shards]
-        self.modality, self.masker, self.batch_size = modality, masker, batch_size
+        self.streams, self.batch_size = list(streams), batch_size
+        self.visible_budget, self.budget_alpha = visible_budget, budget_alpha
         self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
         self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
         # shared with the DataLoader's workers, which keep running from one epoch to the next
@@ -283,16 +301,30 @@ class ShardStream(IterableDataset):
             log.warning("skipping %s; further '%s' records are counted in Batch.skipped, not logged", error,
                         error.kind)
 
-    def decode(self, sample: dict):
-        """`modality.decode`, with a decoding library's own exception on odd bytes (PIL can raise
-        more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
-        try:
-            return self.modality.decode(sample)
-        except BadInput:
-            raise
-        except Exception as error:  # noqa: BLE001
-            raise BadInput(f"{sample.get('__url__', '?')}:{sample['__key__']}",
-                           f"decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
+    def decode(self, sample: dict) -> dict:
+        """Each stream's `modality.decode`, with a decoding library's own exception on odd bytes
+        (PIL can raise more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
+        decoded = {}
+        for spec in self.streams:
+            try:
+                decoded[spec.name] = spec.modality.decode(sample)
+            except BadInput:
+                raise
+            except Exception as error:  # noqa: BLE001
+                raise BadInput(f"{sample.get('__url__', '?')}:{sample['__key__']}",
+                               f"{spec.name} decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
+        return decoded
+
+    def tokenize(self, payloads: dict, generator: torch.Generator) -> dict[str, Tokens]:
+        return {spec.name: spec.modality.tokenize(payloads[spec.name], generator, self.train) for spec in self.streams}
+
+    def mask(self, tokens: dict[str, Tokens], generator: torch.Generator) -> dict[str, Mask]:
+        """Each stream's mask: at its masker's ratio, or its share of the visible budget."""
+        if self.visible_budget is None:
+            return {spec.name: spec.masker(tokens[spec.name], generator) for spec in self.streams}
+        real = [tokens[spec.name].num_real for spec in self.streams]
+        hide = split_visible_budget(real, min(self.visible_budget, sum(real)), self.budget_alpha, generator)
+        return {spec.name: spec.masker(tokens[spec.name], generator, count) for spec, count in zip(self.streams, hide)}
 
     def prepare(self, samples: list[dict], skipped: Counter) -> list[tuple]:
         """(tokens, mask, label, key) for `collate`, for each good record of `samples`, stage by
@@ -304,13 +336,13 @@ class ShardStream(IterableDataset):
             return sample, label_of(sample), self.decode(sample)
 
         def tokenize(record):
-            sample, label, payload = record
+            sample, label, payloads = record
             generator = self.sample_generator(sample)
-            return sample, label, generator, self.modality.tokenize(payload, generator, self.train)
+            return sample, label, generator, self.tokenize(payloads, generator)
 
         def mask(record):
             sample, label, generator, tokens = record
-            return tokens, self.masker(tokens, generator), label, sample["__key__"]
+            return tokens, self.mask(tokens, generator), label, sample["__key__"]
 
         start = time.perf_counter()
         decoded = self.good_ones(samples, decode, skipped)
@@ -412,7 +444,7 @@ class ShardStream(IterableDataset):
             if items:
                 yield self.make_batch(items, skipped)
             elif skipped:
-                yield skip_report(skipped)
+                yield skip_report(skipped, [spec.name for spec in self.streams])
             return
         produced = yield from self.fill_quota(position, skipped, quota, whole_rank=False)
         if produced < quota:  # this worker's own shards are all unreadable: use the rank's others
@@ -443,7 +475,8 @@ class Loader:
     def __init__(self, stream: ShardStream, num_workers: int, device: torch.device | str | None = None,
                  prefetch_factor: int = 4, start_method: str | None = None):
         reuse_freed_memory()  # what the batches are finished and copied into is reused, not faulted in afresh
-        self.finish, self.device = stream.modality.finish, device
+        self.finishers = {spec.name: spec.modality.finish for spec in stream.streams}
+        self.device = device
         workers = num_workers > 0
         # a worker has at most `prefetch_factor` batches in flight and one being handed over
         self.ring = BatchRing(num_workers, prefetch_factor + 2) if workers else None
@@ -462,5 +495,6 @@ class Loader:
             batch, slot = self.ring.unpack(message) if self.ring is not None else (message, None)
             if self.device is not None:
                 batch = batch.to(self.device)
-            batch = dataclasses.replace(batch, tokens=self.finish(batch.tokens))
+            batch = dataclasses.replace(batch, streams={name: self.finishers[name](tokens)
+                                                        for name, tokens in batch.streams.items()})
             yield self.ring.release(batch, slot) if slot is not None else batch

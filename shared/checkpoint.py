@@ -46,8 +46,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
-              str(tmp / "model.safetensors"))
+    save_file(distinct_tensors(weights), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_text)
     for path in tmp.iterdir():  # the rename below publishes only what is on disk
@@ -61,8 +60,25 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return final
 
 
-def load_weights(checkpoint: Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_file(str(Path(checkpoint) / "model.safetensors")))
+def distinct_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights on the CPU, each in memory of its own: safetensors refuses tensors that share
+    memory, and tied weights (a vocabulary head sharing its input embedding) do."""
+    seen, out = set(), {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def load_weights(checkpoint: Path, module: torch.nn.Module, prefix: str = "") -> None:
+    """A checkpoint's weights into `module`; with `prefix` ("model."), only the weights under it."""
+    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
+    if prefix:
+        weights = {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
+    module.load_state_dict(weights)
 
 
 def load_state(checkpoint: Path) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .model import ModelConfig
+from .model import DecoderConfig, ModelConfig
 
 
 @dataclass
@@ -46,6 +46,30 @@ class MaskConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One stream of a recipe of several (`streams.<name>`)."""
+    modality: str = ""
+    keys: tuple[str, ...] | None = None   # the record's payload files this stream reads (None: the modality's)
+    options: dict = field(default_factory=dict)   # checked by the modality's own Options
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class BudgetConfig:
+    """MultiMAE's shared token budget: `visible` encoder tokens per sample, split across
+    the streams by a Dirichlet(alpha) draw (each stream's mask.ratio is then unused)."""
+    visible: int | None = None
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.visible is not None and self.visible < 1:
+            raise ConfigError(f"budget.visible must be >= 1, got {self.visible}")
+        if self.alpha <= 0:
+            raise ConfigError(f"budget.alpha must be positive, got {self.alpha}")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     max_minutes: float | None = None  # wall-clock budget for the training loop
@@ -55,7 +79,7 @@ class TrainerConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     accum_steps: int = 1
-    precision: str = "bf16"           # bf16 | fp32 (autocast, on CPU and CUDA)
+    precision: str = "auto"           # auto | bf16 | fp32 (autocast); auto: bf16 where it is measured faster
     clip_grad: float | None = 1.0
     ckpt_every: int = 500
     keep_last: int = 3
@@ -68,8 +92,8 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"trainer.precision must be one of bf16, fp32; got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"trainer.precision must be one of auto, bf16, fp32; got {self.precision!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"trainer.strategy must be one of ddp, fsdp; got {self.strategy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -90,15 +114,34 @@ class ProbeConfig:
 @dataclass
 class Config:
     name: str = "mae"
-    modality: str = "image"
+    modality: str = "image"           # a recipe of one stream (named after its modality) ...
     modality_options: dict = field(default_factory=dict)  # checked by the modality's own Options
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    streams: dict = field(default_factory=dict)            # ... or several: {name: StreamConfig}
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: dict = field(default_factory=dict)          # {} : the modality's default objective
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     out_dir: str = "runs"
+
+    def stream_configs(self) -> dict[str, StreamConfig]:
+        """The recipe's streams in order: `streams`, or the one stream `modality` names."""
+        if not self.streams:
+            return {self.modality: StreamConfig(modality=self.modality, options=self.modality_options,
+                                                mask=self.mask)}
+        if self.modality_options:
+            raise ConfigError("modality_options belongs to one-stream recipes; with streams, give "
+                              "streams.<name>.options")
+        out = {}
+        for name, values in self.streams.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"streams.{name}: expected a mapping with a modality, got {values!r}")
+            out[str(name)] = build(StreamConfig, values, f"streams.{name}")
+            if not out[str(name)].modality:
+                raise ConfigError(f"streams.{name}.modality is required (one of the registered modalities)")
+        return out
 
 
 # -- building dataclasses from plain dicts, with one-line errors -------------
@@ -259,6 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         values = merge(values, parse_override(text))
     config = build(Config, values)
+    config.stream_configs()  # every stream's keys checked now, with the rest
     if not config.data.shards:
         raise ConfigError("data.shards is required: a folder of shards (with data.source to create them), "
                           "a glob, a brace pattern or URLs")

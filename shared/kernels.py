@@ -9,6 +9,8 @@ kernels on CPU, where PyTorch's defaults leave a lot on the table:
   uses for bf16, runs AVX-512 on any vendor. Here forward, input-gradient
   and weight-gradient matmuls all go through oneDNN (bias fused in forward).
   Under CPU autocast the layer runs in the autocast dtype, as `nn.Linear` would.
+  Where oneDNN cannot build the primitive for a dtype (bf16 on an AVX2-only
+  CPU) the layer is plain `F.linear` (`onednn_linear_runs`).
 - `attention`: PyTorch's CPU flash-attention kernel is slow for the short
   sequences of a masked autoencoder (tens to a few hundred tokens), worst in
   bf16 (about 4x slower than plain matmul-softmax-matmul at 50 tokens,
@@ -20,6 +22,8 @@ kernels on CPU, where PyTorch's defaults leave a lot on the table:
 `torch.compile` they step aside too (inductor makes its own choices).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,19 @@ def _onednn_linear_op():
 
 
 _PW = _onednn_linear_op()
+
+
+@functools.cache
+def onednn_linear_runs(dtype: torch.dtype) -> bool:
+    """Whether this CPU has oneDNN's inner-product primitive for `dtype`: bf16 needs AVX-512
+    (an AVX2-only CPU refuses to create it), so it is tried once, not assumed from the vendor."""
+    if _PW is None:
+        return False
+    try:
+        _PW(torch.ones(2, 2, dtype=dtype), torch.ones(2, 2, dtype=dtype), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _mm(a: Tensor, b_t: Tensor) -> Tensor:
@@ -81,7 +98,8 @@ def linear(x: Tensor, layer: nn.Linear, kernels: str = "auto") -> Tensor:
             or torch.compiler.is_compiling()):  # inductor cannot lower the oneDNN op on unpacked weights
         return layer(x)
     dtype = _compute_dtype(x)
-    if dtype not in _FAST_DTYPES or layer.weight.dtype not in _FAST_DTYPES or x.numel() == 0:
+    if (dtype not in _FAST_DTYPES or layer.weight.dtype not in _FAST_DTYPES or x.numel() == 0
+            or not onednn_linear_runs(dtype)):
         return layer(x)
     weight = layer.weight.to(dtype)
     bias = None if layer.bias is None else layer.bias.to(dtype)

@@ -1,16 +1,21 @@
 """Generic maskers: random (MAE), block-wise (BEiT) and ColorMAE's filtered noise.
 
-A masker is called on one sample's Tokens with a `torch.Generator` and returns
-a `Mask` hiding exactly `hidden_count(N, ratio)` tokens. Each masker only has
-to score tokens (higher = hide first); `Mask.from_scores` does the rest, so
-every masker shares the exact-count guarantee and the `ids_restore` idiom.
-Maskers run in the data workers; they are plain functions of (tokens, rng).
+A masker is called on one stream of one sample (its Tokens) with a
+`torch.Generator` and returns a `Mask` hiding exactly `hidden_count(N, ratio)`
+of the real tokens (padding, `Tokens.valid` False, is never visible and
+never hidden), or exactly `num_hidden` when the caller decides the count
+(MultiMAE's shared visible budget, `split_visible_budget`). Each masker only
+has to score tokens (higher = hide first); `Mask.from_scores` does the rest,
+so every masker shares the exact-count guarantee and the `ids_restore`
+idiom. Maskers run in the data workers; they are plain functions of
+(tokens, rng).
 """
 from __future__ import annotations
 
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,7 +24,12 @@ from .tokens import Mask, Tokens, hidden_count
 
 
 class Masker:
-    """Base class: subclasses implement `scores(tokens, generator) -> [N]`."""
+    """Base class: subclasses implement `scores(tokens, generator) -> [N]`.
+
+    `encoder_reads_hidden`: the encoder reads hidden tokens too, as the stream's mask
+    token (BERT-style maskers), instead of never seeing them (MAE)."""
+
+    encoder_reads_hidden = False
 
     def __init__(self, ratio: float = 0.75):
         hidden_count(2, ratio)  # validates the ratio once, at construction
@@ -28,8 +38,10 @@ class Masker:
     def scores(self, tokens: Tokens, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, tokens: Tokens, generator: torch.Generator) -> Mask:
-        return Mask.from_scores(self.scores(tokens, generator), hidden_count(tokens.num_tokens, self.ratio))
+    def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
+        if num_hidden is None:
+            num_hidden = hidden_count(tokens.num_real, self.ratio)
+        return Mask.from_scores(self.scores(tokens, generator), num_hidden, tokens.valid, self.encoder_reads_hidden)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
@@ -153,3 +165,38 @@ def build_masker(name: str, ratio: float, **options) -> Masker:
         return MASKERS.get(name)(ratio=ratio, **options)
     except TypeError as err:
         raise ValueError(f"masker {name!r}: {err}") from None
+
+
+def split_visible_budget(real_tokens: list[int], visible: int, alpha: float,
+                         generator: torch.Generator) -> list[int]:
+    """MultiMAE's shared token budget: `visible` encoder tokens split across streams by a
+    Dirichlet(alpha) draw per sample -> how many tokens each stream hides.
+
+    Shares are rounded by largest remainder so the visible counts add up to exactly
+    `visible`; a stream cannot show more tokens than it has (nor fewer than none), and
+    what it cannot take goes to the others in proportion. alpha=1 is MultiMAE's default
+    (every split equally likely); large alpha tends to an even split."""
+    total = sum(real_tokens)
+    if not 0 < visible <= total:
+        raise ValueError(f"a visible budget of {visible} tokens does not fit samples of {total} real tokens")
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    shares = np.random.default_rng(seed).dirichlet([alpha] * len(real_tokens))
+    capacity = np.asarray(real_tokens, dtype=np.float64)
+    counts = np.zeros(len(real_tokens), dtype=np.int64)
+    left = visible
+    while left > 0:  # pour the budget by share; full streams drop out and the rest share what is left
+        open_ = counts < capacity
+        weights = np.where(open_, shares, 0.0)
+        weights = weights / weights.sum() if weights.sum() > 0 else open_ / open_.sum()
+        ideal = np.minimum(weights * left, capacity - counts)
+        whole = np.floor(ideal).astype(np.int64)
+        remainder = left - int(whole.sum())
+        order = np.argsort(-(ideal - whole), kind="stable")
+        for i in order[:remainder]:
+            if counts[i] + whole[i] < capacity[i]:
+                whole[i] += 1
+        if whole.sum() == 0:  # rounding left nothing: give one token to the open stream with the largest share
+            whole[int(np.argmax(weights))] = 1
+        counts += whole
+        left = visible - int(counts.sum())
+    return [int(n - c) for n, c in zip(real_tokens, counts)]

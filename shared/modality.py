@@ -1,10 +1,12 @@
 """What a modality plugs in: the `Modality` base class.
 
-A modality turns a Sample (a dict from a shard: `__key__`, payload bytes by
-extension, `cls`) into Tokens and back, names its default masker and
-objective, and builds the model's input adapter. Its `sources` are the
-dataset adapters `polymae shard` can read. Subclasses live in
-`polymae.modalities.<name>` and register under their name.
+A modality turns its stream of a Sample (a dict from a shard: `__key__`,
+payload bytes by extension, `cls`) into Tokens and back, names its default
+masker, objective and decoder, and builds its stream's input adapter and
+decoder for the shared model. Its `sources` are the dataset adapters
+`polymae shard` can read. Subclasses live in their own package, found
+through the `polymae.modalities` entry-point group (pyproject.toml), and
+register under their name.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from typing import Any, Iterator
 
 import torch
 from PIL import Image
+from torch import nn
 
 from .config import build
-from .errors import BadInput
-from .model import MaskedAutoencoder, ModelConfig
-from .tokens import Mask, Tokens
+from .errors import BadInput, ConfigError
+from .masking import Masker, build_masker
+from .model import DecoderConfig, InputAdapter, MLPHead, ModelConfig, TransformerDecoder
+from .tokens import Tokens
 
 
 def label_of(sample: dict) -> int | None:
@@ -35,9 +39,13 @@ class Modality:
     Options: type = object               # dataclass of tokenizer/augmentation options
     default_masker: str = "random"
     default_objective: dict = {"pixel": {"weight": 1.0, "norm_pix": True}}
+    default_decoder: str = "transformer"
 
-    def __init__(self, options: dict | None = None):
-        self.options = build(self.Options, options or {}, "modality_options")
+    def __init__(self, options: dict | None = None, payload_keys: tuple[str, ...] | None = None,
+                 where: str = "modality_options"):
+        self.options = build(self.Options, options or {}, where)
+        if payload_keys:  # a stream that reads other files of the record than the modality's usual ones
+            self.payload_keys = tuple(payload_keys)
 
     # -- adapters ---------------------------------------------------------
     def sources(self) -> dict[str, str]:
@@ -57,6 +65,12 @@ class Modality:
 
     def decode(self, sample: dict) -> Any:
         raise NotImplementedError
+
+    # -- masking ----------------------------------------------------------
+    def masker(self, name: str | None, ratio: float, options: dict) -> Masker:
+        """This stream's masker (`name`, default `default_masker`). A modality whose maskers need
+        its own facts (a tokenizer's mask id, its vocabulary) passes them here."""
+        return build_masker(name or self.default_masker, ratio, **options)
 
     # -- tokenizer --------------------------------------------------------
     def tokenize(self, payload: Any, generator: torch.Generator, train: bool = True) -> Tokens:
@@ -92,10 +106,38 @@ class Modality:
         """How far each coordinate runs, in coords order (the grid, unless coords list its axes otherwise)."""
         return self.grid
 
-    # -- model --------------------------------------------------------------
-    def build_model(self, config: ModelConfig) -> MaskedAutoencoder:
-        return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.coord_extents)
+    @property
+    def vocab_size(self) -> int | None:
+        """Discrete streams (`Tokens.ids`): how many ids there are; None for value streams."""
+        return None
 
-    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
-        """A picture of rows of original | masked | reconstruction; `pred` is in token-value space."""
+    @property
+    def output_width(self) -> int:
+        """What a decoder predicts per token: the value width, or a logit per id."""
+        return self.vocab_size or self.d_in
+
+    # -- model --------------------------------------------------------------
+    def input_adapter(self, width: int, config: ModelConfig) -> nn.Module:
+        """This stream's embedding + position encoding, `adapter(tokens) -> [B, N, width]`."""
+        return InputAdapter(self.d_in, width, self.num_coords, config.position, self.coord_extents,
+                            kernels=config.kernels, vocab_size=self.vocab_size)
+
+    def decoder(self, decoder: DecoderConfig, encoder_width: int, config: ModelConfig) -> nn.Module:
+        """This stream's decoder or head (`decoder.kind`, default `default_decoder`)."""
+        kind = decoder.kind or self.default_decoder
+        if kind == "transformer":
+            return TransformerDecoder(encoder_width, self.output_width, self.num_coords, config, decoder,
+                                      self.coord_extents)
+        if kind in ("mlp", "vocab"):
+            return MLPHead(encoder_width, self.output_width, config.layer_norm_eps, decoder.layer, config.kernels)
+        raise ConfigError(f"decoder kind {kind!r} is not one of transformer, mlp, vocab")
+
+    def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:
+        """A picture of rows of original | masked | reconstruction of this stream; `hidden`
+        [B, N] is the stream's part of the mask, `pred` its prediction in token-value space."""
         raise NotImplementedError
+
+    def prediction_values(self, pred: torch.Tensor, tokens: Tokens, objective: dict) -> torch.Tensor:
+        """A decoder's prediction in token-value space, for pictures (the image modality undoes
+        norm_pix); default: as predicted."""
+        return pred

@@ -1,19 +1,26 @@
-"""The MAE-shaped encoder-decoder that every modality shares.
+"""The model protocol every modality shares: `model(batch) -> Outputs`.
 
-    values, coords --gather visible--> input adapter (embed + position)
-      -> [cls] + visible tokens -> ViT encoder -> norm          (visible only)
-      -> decoder_embed -> append mask tokens, unshuffle by ids_restore
-      -> + decoder position -> ViT decoder -> norm -> head    -> pred [B, N, d_in]
+    per stream: input adapter (embed values or ids + position)         ModuleDict by stream
+      -> the encoder inputs of all streams, gathered by Mask.ids_keep
+      -> [cls] + those tokens -> encoder (ViT by default; ENCODERS)     visible tokens only
+      -> per stream: decoder or head                                   ModuleDict by stream
+         transformer: mask tokens at the stream's hidden places, unshuffled by ids_restore
+         mlp / vocab: a head on the encoder's output (BERT-style streams, whose hidden
+                      tokens entered the encoder as the mask token)
+      -> Outputs: per-stream predictions, the encoder's output, chosen layers' hidden states
 
-The encoder never sees a hidden token: that is MAE's whole saving. Hidden
-positions are only known to the decoder, through `ids_restore` and coords.
+The encoder never sees a hidden token of an MAE-style stream: that is MAE's
+whole saving. Hidden positions are only known to the decoder, through
+`ids_restore` and coords. `features(batch)` pools the encoder over every real
+token (probing); `encode(batch)` is the encoder's output under the batch's mask.
 
 Linear layers and attention go through shared/kernels.py, which picks faster
 CPU kernels for the same maths (`ModelConfig.kernels = "torch"` turns that off).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +28,8 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .kernels import KERNELS, linear, self_attention
 from .position import build_position
-from .registry import MODEL_SIZES
-from .tokens import Mask
+from .registry import DECODERS, ENCODERS, MODEL_SIZES
+from .tokens import AS_MASK_TOKEN, Batch, Tokens
 
 for _name, _width, _depth, _heads in [("tiny", 192, 12, 3), ("small", 384, 12, 6), ("base", 768, 12, 12),
                                       ("large", 1024, 24, 16), ("huge", 1280, 32, 16)]:
@@ -36,6 +43,9 @@ class ModelConfig:
     depth: int | None = None
     heads: int | None = None
     mlp_ratio: float = 4.0
+    encoder: str = "vit"            # a name in the ENCODERS registry (vit; sparse_cnn from the voxel modality)
+    causal: bool = False            # causal self-attention in the encoder (decoder-only LMs: MEAP)
+    norm_first: bool = True         # pre-norm blocks (ViT, MAE); False: post-norm (BERT), no final norm
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -45,7 +55,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-6
     pool: str = "mean"              # features for probing: mean of tokens or cls
     kernels: str = "auto"           # auto: oneDNN linears + short-sequence attention on CPU; torch: plain ops
-    init_from: str | None = None    # start from these weights: a polymae run/checkpoint or a local HF ViTMAE folder
+    init_from: str | None = None    # start from these weights: a polymae run/checkpoint or a local HF folder
 
     def __post_init__(self):
         if self.size not in MODEL_SIZES:
@@ -57,8 +67,21 @@ class ModelConfig:
 
     def resolved(self) -> "ModelConfig":
         base = MODEL_SIZES.get(self.size)
-        return ModelConfig(**{**self.__dict__, "width": self.width or base["width"],
-                              "depth": self.depth or base["depth"], "heads": self.heads or base["heads"]})
+        return replace(self, width=self.width or base["width"], depth=self.depth or base["depth"],
+                       heads=self.heads or base["heads"])
+
+
+@dataclass
+class DecoderConfig:
+    """One stream's decoder or head (`streams.<name>.decoder` in a recipe)."""
+    kind: str | None = None         # transformer | mlp | vocab (DECODERS); None: the modality's default
+    layer: int | None = None        # encoder depth it reads (1-based); None: the last, normalised
+    width: int | None = None        # transformer decoder width (None: model.decoder_width)
+    depth: int | None = None
+    heads: int | None = None
+
+
+# -- building blocks ----------------------------------------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -77,35 +100,56 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Transformer block: pre-norm (ViT: x + f(norm(x))) or, with `norm_first=False`,
+    post-norm (BERT: norm(x + f(x)))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, kernels: str = "auto"):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, kernels: str = "auto",
+                 norm_first: bool = True):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.kernels = kernels
+        self.kernels, self.norm_first = kernels, norm_first
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, kernels)
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def feed_forward(self, x: Tensor) -> Tensor:
         fc1, act, fc2 = self.mlp
-        return x + linear(act(linear(self.norm2(x), fc1, self.kernels)), fc2, self.kernels)
+        return linear(act(linear(x, fc1, self.kernels)), fc2, self.kernels)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if not self.norm_first:
+            x = self.norm1(x + self.attn(x, attn_mask))
+            return self.norm2(x + self.feed_forward(x))
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.feed_forward(self.norm2(x))
 
 
 class InputAdapter(nn.Module):
-    """Token embedding plus position encoding for one modality."""
+    """One stream's token embedding plus position encoding: a Linear on `values`, or an
+    Embedding on `ids` (`vocab_size` given). `grid`: the extent of each coordinate (what a
+    learned table spans). `mask_token` (with `mask_token=True`) is what a hidden token of
+    a BERT-style value stream enters the encoder as (Mask.substitute == AS_MASK_TOKEN)."""
 
     def __init__(self, d_in: int, width: int, num_coords: int, position: str = "sincos",
-                 grid: tuple[int, ...] | None = None, embed: nn.Module | None = None, kernels: str = "auto"):
+                 grid: tuple[int, ...] | None = None, embed: nn.Module | None = None, kernels: str = "auto",
+                 vocab_size: int | None = None, mask_token: bool = False):
         super().__init__()
-        self.kernels = kernels
-        self.embed = embed if embed is not None else nn.Linear(d_in, width)
+        self.kernels, self.grid = kernels, tuple(grid) if grid is not None else None
+        if embed is None:
+            embed = nn.Embedding(vocab_size, width) if vocab_size else nn.Linear(d_in, width)
+        self.embed = embed
         self.position = build_position(position, width, num_coords, grid)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if mask_token else None
 
-    def forward(self, values: Tensor, coords: Tensor) -> Tensor:
-        return linear(values, self.embed, self.kernels) + self.position(coords)
+    def forward(self, tokens: Tokens) -> Tensor:
+        if isinstance(self.embed, nn.Embedding):
+            x = self.embed(tokens.ids)
+        elif isinstance(self.embed, nn.Linear):
+            x = linear(tokens.values, self.embed, self.kernels)
+        else:
+            x = self.embed(tokens.values)
+        return x + self.position(tokens.coords).to(x.dtype)
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
@@ -113,101 +157,326 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def key_padding_mask(valid: Tensor | None, with_cls: bool) -> Tensor | None:
-    """valid [B, M] -> boolean attention mask [B, 1, 1, M(+1)] that ignores padding keys."""
-    if valid is None:
-        return None
-    if with_cls:
-        valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
-    return valid[:, None, None, :]
+def gather_stream(tokens: Tokens, ids: Tensor) -> Tokens:
+    """The tokens at `ids` [B, M] of a stream (values or ids, coords, fields)."""
+    def take(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return gather_tokens(t, ids) if t.dim() == 3 else torch.gather(t, 1, ids)
+    return Tokens(values=take(tokens.values), ids=take(tokens.ids), coords=take(tokens.coords),
+                  valid=take(tokens.valid), grid=tokens.grid)
 
 
-class MaskedAutoencoder(nn.Module):
-    """`grid`: the extent of each coordinate in coords order (what a learned position table
-    spans; `Modality.coord_extents` gives it), None for tokens off a fixed grid."""
+def causal_mask(length: int, prefix: int, keys: Tensor | None, device: torch.device) -> Tensor:
+    lower = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    lower[:, :prefix] = True
+    lower = lower[None, None]
+    return lower if keys is None else lower & keys
 
-    def __init__(self, d_in: int, num_coords: int, config: ModelConfig = ModelConfig(),
-                 grid: tuple[int, ...] | None = None, input_adapter: nn.Module | None = None):
+
+class ViTEncoder(nn.Module):
+    """[cls] + tokens -> transformer blocks -> LayerNorm (pre-norm blocks; post-norm blocks end
+    normalised already); returns the output and the raw output of the layers asked for (1-based)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.config = cfg = config.resolved()
-        self.d_in = d_in
-        self.grid = tuple(grid) if grid is not None else None
-        self.input_adapter = input_adapter or InputAdapter(d_in, cfg.width, num_coords, cfg.position, grid,
-                                                           kernels=cfg.kernels)
+        self.width, self.depth, self.causal = cfg.width, cfg.depth, cfg.causal
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.cls_token else None
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
-                                    for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-
-        self.decoder_embed = nn.Linear(cfg.width, cfg.decoder_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
-        self.decoder_position = build_position(cfg.position, cfg.decoder_width, num_coords, grid)
-        self.decoder_blocks = nn.ModuleList(
-            Block(cfg.decoder_width, cfg.decoder_heads, cfg.decoder_mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
-            for _ in range(cfg.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.decoder_width, d_in)
-        self.apply(self._init_weights)
-        for token in (self.cls_token, self.mask_token):
-            if token is not None:
-                nn.init.normal_(token, std=0.02)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.kernels,
+                                          cfg.norm_first) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
     @property
     def num_prefix(self) -> int:
         return 1 if self.cls_token is not None else 0
 
-    def encode(self, values: Tensor, coords: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Encode the tokens given (callers pass visible tokens only) -> [B, prefix + M, width]."""
-        x = self.input_adapter(values, coords)
+    def forward(self, x: Tensor, valid: Tensor | None = None,
+                layers: tuple[int, ...] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        attn_mask = key_padding_mask(valid, self.cls_token is not None)
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.norm(x)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        keys = None
+        if valid is not None:
+            keys = torch.cat([valid.new_ones(valid.shape[0], self.num_prefix), valid], dim=1)[:, None, None, :]
+        mask = causal_mask(x.shape[1], self.num_prefix, keys, x.device) if self.causal else keys
+        taps = {}
+        for depth, block in enumerate(self.blocks, start=1):
+            x = block(x, mask)
+            if depth in layers:
+                taps[depth] = x
+        return self.norm(x), taps
 
-    def decode(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Visible encodings + mask tokens at hidden places -> predictions [B, N, d_in]."""
-        return linear(self.decode_features(latent, mask, coords, valid), self.head, self.config.kernels)
 
-    def decode_features(self, latent: Tensor, mask: Mask, coords: Tensor, valid: Tensor | None = None) -> Tensor:
-        """The decoder's normalised output per token [B, N, decoder_width], before `head`
-        (extra heads, e.g. a point modality's occupancy head, read it too)."""
-        x = linear(latent, self.decoder_embed, self.config.kernels)
-        prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
+
+
+# -- decoders and heads ---------------------------------------------------------------------------------
+
+
+class TransformerDecoder(nn.Module):
+    """MAE's decoder for one stream: the encoder's output projected to the decoder width,
+    mask tokens at the stream's hidden places, its own position encoding, blocks, norm and
+    a linear head. Tokens of the other streams that the encoder read come along as context
+    (a joint decoder, as M3AE's); their predictions are not made here."""
+
+    def __init__(self, encoder_width: int, d_out: int, num_coords: int, cfg: ModelConfig, dec: DecoderConfig,
+                 grid: tuple[int, ...] | None = None):
+        super().__init__()
+        width, depth, heads = dec.width or cfg.decoder_width, dec.depth or cfg.decoder_depth, \
+            dec.heads or cfg.decoder_heads
+        self.kernels = cfg.kernels
+        self.embed = nn.Linear(encoder_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = build_position(cfg.position, width, num_coords, grid)
+        self.blocks = nn.ModuleList(Block(width, heads, cfg.decoder_mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(width, d_out)
+
+    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+        """The decoder's normalised output at the stream's tokens [B, N_s, width], before `head`."""
+        x = linear(latent, self.embed, self.kernels)
+        head, entered = x[:, :prefix], x[:, prefix:]
+        mask = batch.mask
         b, n = mask.ids_restore.shape
-        filler = self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)
-        x = gather_tokens(torch.cat([visible, filler], dim=1), mask.ids_restore)
-        x = torch.cat([prefix, x + self.decoder_position(coords).to(x.dtype)], dim=1)
-        attn_mask = key_padding_mask(valid, self.cls_token is not None)
-        for block in self.decoder_blocks:
-            x = block(x, attn_mask)
-        return self.decoder_norm(x)[:, self.num_prefix:]
+        filler = self.mask_token.to(x.dtype).expand(b, n - entered.shape[1], -1)
+        full = gather_tokens(torch.cat([entered, filler], dim=1), mask.ids_restore)  # [B, N_total, width]
+        tokens = batch.streams[stream]
+        span = batch.layout[stream]
+        is_input = entered_positions(batch)
+        own = full[:, span]
+        if is_input is not None:  # rows with fewer encoder inputs hold other tokens' codes at their spare slots
+            own = torch.where(is_input[:, span, None], own, self.mask_token.to(x.dtype))
+        own = own + self.position(tokens.coords).to(x.dtype)
+        parts, keys = [head, own], [tokens.valid]
+        for other, other_span in batch.layout.items():
+            if other != stream:
+                parts.append(full[:, other_span])
+                keys.append(is_input[:, other_span] if is_input is not None else
+                            torch.ones(b, other_span.stop - other_span.start, dtype=torch.bool, device=x.device))
+        x = torch.cat(parts, dim=1)
+        valid = None
+        if any(k is not None for k in keys):
+            valid = torch.cat([k if k is not None else torch.ones(b, own.shape[1], dtype=torch.bool, device=x.device)
+                               for k in keys], dim=1)
+        attn = None if valid is None else torch.cat([valid.new_ones(b, prefix), valid], 1)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn)
+        return self.norm(x)[:, prefix:prefix + own.shape[1]]
 
-    def forward(self, values: Tensor, coords: Tensor, mask: Mask, valid: Tensor | None = None) -> dict[str, Tensor]:
-        ids_keep = mask.ids_keep
-        visible_valid = None if valid is None else torch.gather(valid, 1, ids_keep)
-        latent = self.encode(gather_tokens(values, ids_keep), gather_tokens(coords, ids_keep), visible_valid)
-        return {"pred": self.decode(latent, mask, coords, valid), "latent": latent}
+    def forward(self, latent: Tensor, prefix: int, batch: Batch, stream: str, taps: dict[int, Tensor]) -> dict:
+        return {"pred": linear(self.features(latent, prefix, batch, stream), self.head, self.kernels)}
+
+
+def entered_positions(batch: Batch) -> Tensor | None:
+    """bool [B, N_total]: the tokens the encoder read, or None when that is exactly each row's
+    first `num_visible` in shuffle order (no row has spare slots)."""
+    mask = batch.mask
+    if mask.keep_valid is None:
+        return None
+    return torch.gather(torch.cat([mask.keep_valid, mask.keep_valid.new_zeros(
+        mask.keep_valid.shape[0], mask.ids_restore.shape[1] - mask.num_visible)], 1), 1, mask.ids_restore)
+
+
+def restore_stream(latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+    """The encoder's codes put back at a stream's token places [B, N_s, W] (zeros where the
+    encoder read nothing)."""
+    entered = latent[:, prefix:]
+    b, n = batch.mask.ids_restore.shape
+    full = torch.cat([entered, entered.new_zeros(b, n - entered.shape[1], entered.shape[2])], dim=1)
+    return gather_tokens(full, batch.mask.ids_restore)[:, batch.layout[stream]]
+
+
+class MLPHead(nn.Module):
+    """A head on the encoder's codes of a stream's own tokens (BERT's MLM transform:
+    Linear -> GELU -> LayerNorm -> Linear), read at `layer` (a normalising LayerNorm
+    first when that is not the encoder's last, normalised output)."""
+
+    def __init__(self, encoder_width: int, d_out: int, eps: float, layer: int | None, kernels: str = "auto"):
+        super().__init__()
+        self.layer, self.kernels = layer, kernels
+        self.input_norm = nn.LayerNorm(encoder_width, eps=eps) if layer is not None else None
+        self.dense = nn.Linear(encoder_width, encoder_width)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(encoder_width, eps=eps)
+        self.head = nn.Linear(encoder_width, d_out)
+
+    def transform(self, x: Tensor) -> Tensor:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        return self.norm(self.act(linear(x, self.dense, self.kernels)))
+
+    def forward(self, latent: Tensor, prefix: int, batch: Batch, stream: str, taps: dict[int, Tensor]) -> dict:
+        source = latent if self.layer is None else taps[self.layer]
+        codes = restore_stream(source, prefix, batch, stream)
+        return {"pred": linear(self.transform(codes), self.head, self.kernels)}
+
+
+DECODERS.register("transformer", TransformerDecoder)
+DECODERS.register("mlp", MLPHead)
+DECODERS.register("vocab", MLPHead)  # an MLP head over a vocabulary (ids streams), tied to the input embedding
+
+
+# -- the model ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """What the model gives: per-stream decoder outputs (`pred` [B, N_s, d] always; a
+    modality's decoder may add more, e.g. point groups' `occupancy`), the encoder's
+    normalised output [B, prefix + M, W] and the raw output of chosen encoder layers."""
+    streams: dict[str, dict[str, Tensor]]
+    latent: Tensor
+    hidden_states: dict[int, Tensor] = field(default_factory=dict)
+
+    def pred(self, stream: str) -> Tensor:
+        return self.streams[stream]["pred"]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Outputs":
+        return Outputs({s: {k: fn(v) for k, v in out.items()} for s, out in self.streams.items()}, fn(self.latent),
+                       {k: fn(v) for k, v in self.hidden_states.items()})
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears, zero biases, unit layer norms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class MaskedAutoencoder(nn.Module):
+    """Input adapters and decoders keyed by stream name around one encoder (see the module docstring).
+
+    `taps`: encoder layers whose raw output Outputs.hidden_states carries (for heads that read
+    an earlier depth and for objectives such as distillation or Starbucks)."""
+
+    def __init__(self, input_adapters: dict[str, nn.Module], encoder: nn.Module, decoders: dict[str, nn.Module],
+                 config: ModelConfig, taps: tuple[int, ...] = ()):
+        super().__init__()
+        self.config = config.resolved()
+        self.input_adapters = nn.ModuleDict(input_adapters)
+        self.encoder = encoder
+        self.decoders = nn.ModuleDict(decoders)
+        self.taps = tuple(sorted(set(taps) | {d.layer for d in decoders.values() if getattr(d, "layer", None)}))
+        for layer in self.taps:
+            if not 1 <= layer <= self.config.depth:
+                raise ConfigError(f"a head or objective reads encoder layer {layer}; the encoder has layers "
+                                  f"1..{self.config.depth}")
+        self.apply(init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("_token"):
+                nn.init.normal_(param, std=0.02)
+
+    @property
+    def num_prefix(self) -> int:
+        return self.encoder.num_prefix
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self.input_adapters)
+
+    def embed(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """The encoder's input tokens [B, num_visible, W] under the batch's mask, and their validity."""
+        mask = batch.mask
+        names = list(batch.streams)
+        if len(names) == 1 and mask.substitute is None:  # embed the visible tokens only (no wasted work)
+            name = names[0]
+            tokens = gather_stream(batch.streams[name], mask.ids_keep)
+            return self.input_adapters[name](tokens), mask.keep_valid
+        embedded = [self.input_adapters[name](self.entering(batch, name)) for name in names]
+        x = torch.cat([e.to(embedded[0].dtype) for e in embedded], dim=1) if len(embedded) > 1 else embedded[0]
+        if mask.substitute is not None:
+            x = self.substitute_mask_tokens(x, batch)
+        return gather_tokens(x, mask.ids_keep), mask.keep_valid
+
+    def entering(self, batch: Batch, name: str) -> Tokens:
+        """A stream's tokens as the encoder reads them: ids replaced where Mask.substitute names one."""
+        tokens = batch.streams[name]
+        if batch.mask.substitute is None:
+            return tokens
+        substitute = batch.mask.substitute[:, batch.layout[name]]
+        if tokens.ids is not None:
+            return replace(tokens, ids=torch.where(substitute >= 0, substitute, tokens.ids))
+        if bool((substitute >= 0).any()):  # a value stream entering as another token's values (GraphMAE)
+            source = torch.where(substitute >= 0, substitute, torch.arange(substitute.shape[1],
+                                                                           device=substitute.device))
+            return replace(tokens, values=gather_tokens(tokens.values, source))
+        return tokens
+
+    def substitute_mask_tokens(self, x: Tensor, batch: Batch) -> Tensor:
+        for name, span in batch.layout.items():
+            adapter = self.input_adapters[name]
+            token = getattr(adapter, "mask_token", None)
+            as_mask = batch.mask.substitute[:, span] == AS_MASK_TOKEN
+            if bool(as_mask.any()):
+                if token is None:
+                    raise ValueError(f"stream {name!r}: its masker has hidden tokens enter the encoder as the mask "
+                                     "token, and its input adapter has none")
+                part = torch.where(as_mask[..., None], token.to(x.dtype), x[:, span])
+                x = torch.cat([x[:, :span.start], part, x[:, span.stop:]], dim=1)
+        return x
+
+    def encode(self, batch: Batch) -> tuple[Tensor, dict[int, Tensor]]:
+        """The encoder's normalised output [B, prefix + num_visible, W] and its tapped layers."""
+        x, valid = self.embed(batch)
+        return self.encoder(x, valid, self.taps)
+
+    def forward(self, batch: Batch) -> Outputs:
+        latent, taps = self.encode(batch)
+        streams = {name: decoder(latent, self.num_prefix, batch, name, taps)
+                   for name, decoder in self.decoders.items()}
+        return Outputs(streams, latent, taps)
 
     @torch.no_grad()
-    def features(self, values: Tensor, coords: Tensor, valid: Tensor | None = None) -> Tensor:
-        """One vector per sample from the encoder on all tokens (for probing)."""
-        latent = self.encode(values, coords, valid)
-        if self.config.pool == "cls" and self.cls_token is not None:
+    def features(self, batch: Batch) -> Tensor:
+        """One vector per sample from the encoder on every real token of every stream (probing)."""
+        names = list(batch.streams)
+        embedded = [self.input_adapters[name](batch.streams[name]) for name in names]
+        x = torch.cat(embedded, dim=1)
+        valids = [batch.streams[n].valid for n in names]
+        valid = None
+        if any(v is not None for v in valids):
+            valid = torch.cat([v if v is not None else torch.ones(e.shape[:2], dtype=torch.bool, device=e.device)
+                               for v, e in zip(valids, embedded)], dim=1)
+        latent, _ = self.encoder(x, valid)
+        if self.config.pool == "cls" and self.num_prefix:
             return latent[:, 0]
         tokens = latent[:, self.num_prefix:]
         if valid is None:
             return tokens.mean(1)
         weights = valid.unsqueeze(-1).to(tokens.dtype)
         return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def build_vit_mae(modalities: dict, decoders: dict[str, DecoderConfig], config: ModelConfig,
+                  taps: tuple[int, ...] = ()) -> MaskedAutoencoder:
+    """The default model: each stream's modality gives its input adapter and its decoder
+    (`Modality.input_adapter`, `Modality.decoder`) around one ViT encoder. A `vocab` head
+    shares its output matrix with the stream's input embedding (BERT's tied weights)."""
+    cfg = config.resolved()
+    adapters = {name: modality.input_adapter(cfg.width, cfg) for name, modality in modalities.items()}
+    heads = {name: modality.decoder(decoders[name], cfg.width, cfg) for name, modality in modalities.items()}
+    model = MaskedAutoencoder(adapters, ViTEncoder(cfg), heads, cfg, taps)
+    for name, dec in decoders.items():
+        embed = getattr(adapters[name], "embed", None)
+        if (dec.kind or modalities[name].default_decoder) == "vocab" and isinstance(embed, nn.Embedding):
+            model.decoders[name].head.weight = embed.weight
+    return model
+
+
+ENCODERS.register("vit", build_vit_mae)
+
+
+def build_model(modalities: dict, decoders: dict[str, DecoderConfig], config: ModelConfig,
+                taps: tuple[int, ...] = ()) -> nn.Module:
+    """The model a recipe names: `model.encoder` looked up in ENCODERS (a function of the
+    streams' modalities, their decoder settings and the model config)."""
+    try:
+        builder = ENCODERS.get(config.encoder)
+    except KeyError as error:
+        raise ConfigError(f"model.encoder: {error.args[0]}") from None
+    return builder(modalities, decoders, config, taps)

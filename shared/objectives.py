@@ -1,23 +1,53 @@
-"""Loss terms. A recipe sums terms with weights: `objective: {pixel: {weight: 1.0, norm_pix: true}}`.
+"""Loss terms as modules, and the module that trains: `Pretraining(model, objective)`.
 
-A term is `fn(out, batch, **options) -> scalar`, where `out` is the model's
-output dict (`pred` [B, N, d_in], `latent`, ...) and `batch` the Batch.
-Reconstruction terms average over hidden tokens only (padding excluded).
+A recipe sums terms with weights:
+
+    objective:
+      pixel: {weight: 1.0, norm_pix: true}                 # single stream: the term reads it
+      caption_mlm: {term: cross_entropy, stream: caption, weight: 0.5}
+
+A term is an `nn.Module` registered in OBJECTIVES, built as
+`Term(stream=..., **options)`; `term(outputs, batch) -> scalar`. It may own
+parameters (a projection head, an alignment), which are optimised and
+checkpointed with the model, because `Pretraining` holds both. Reconstruction
+terms average over the stream's target tokens only: hidden, decoded (when the
+mask names a decode subset) and real (padding excluded), `Batch.target_weights`.
 """
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from .errors import ConfigError
+from .model import Outputs
 from .registry import OBJECTIVES
 from .tokens import Batch
 
 
-def hidden_weights(batch: Batch) -> Tensor:
-    """[B, N] float weights: 1 on hidden, real tokens, 0 elsewhere."""
-    weights = batch.mask.hidden.float()
-    if batch.tokens.valid is not None:
-        weights = weights * batch.tokens.valid.float()
-    return weights
+class Objective(nn.Module):
+    """Base class of a loss term on one stream.
+
+    A term that reads the model's own parts (a head's weights, chosen encoder layers) sets
+    `reads_model = True` and is built with `model=`; `layers(options)` names the encoder
+    layers whose hidden states it needs in Outputs (the model taps them)."""
+
+    reads_model = False
+
+    def __init__(self, stream: str):
+        super().__init__()
+        self.stream = stream
+
+    @staticmethod
+    def layers(options: dict) -> tuple[int, ...]:
+        return ()
+
+    def forward(self, outputs: Outputs, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+
+def weighted_mean(per_token: Tensor, weights: Tensor) -> Tensor:
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def normalise_per_token(target: Tensor, eps: float = 1e-6) -> Tensor:
@@ -38,29 +68,105 @@ def to_value_space(pred: Tensor, values: Tensor, norm_pix: bool) -> Tensor:
     return pred * (var + 1e-6).sqrt() + mean
 
 
-def reconstruction_target(batch: Batch, norm_pix: bool) -> Tensor:
-    target = batch.tokens.values.float()
-    return normalise_per_token(target) if norm_pix else target
-
-
 @OBJECTIVES.register("pixel")
-def pixel_loss(out: dict, batch: Batch, norm_pix: bool = True) -> Tensor:
-    """Mean squared error on hidden tokens, optionally on per-token normalised targets."""
-    target = reconstruction_target(batch, norm_pix)
-    per_token = (out["pred"].float() - target).pow(2).mean(dim=-1)
-    weights = hidden_weights(batch)
-    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+class PixelLoss(Objective):
+    """Mean squared error on hidden tokens, optionally on per-token normalised targets (MAE)."""
+
+    def __init__(self, stream: str, norm_pix: bool = True):
+        super().__init__(stream)
+        self.norm_pix = norm_pix
+
+    def forward(self, outputs, batch):
+        target = batch.streams[self.stream].values.float()
+        if self.norm_pix:
+            target = normalise_per_token(target)
+        per_token = (outputs.pred(self.stream).float() - target).pow(2).mean(dim=-1)
+        return weighted_mean(per_token, batch.target_weights(self.stream))
 
 
-def total_loss(terms: dict[str, dict], out: dict, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the configured terms, and each term's value for logging."""
-    total, parts = None, {}
+@OBJECTIVES.register("cross_entropy")
+class TokenCrossEntropy(Objective):
+    """Cross-entropy of the predicted logits against the true `ids` at target tokens
+    (masked-LM; atom types). `label_smoothing` as torch's."""
+
+    def __init__(self, stream: str, label_smoothing: float = 0.0):
+        super().__init__(stream)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, outputs, batch):
+        return token_cross_entropy(outputs.pred(self.stream), batch.streams[self.stream].ids,
+                                   batch.target_weights(self.stream), self.label_smoothing)
+
+
+def token_cross_entropy(logits: Tensor, ids: Tensor, weights: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy over the tokens with weight 1 (only those are scored: a masked-LM
+    head on 15% of tokens need not compute the softmax of the other 85%)."""
+    chosen = weights.bool()
+    if not bool(chosen.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[chosen].float(), ids[chosen], label_smoothing=label_smoothing)
+
+
+class LossTerms(nn.Module):
+    """The recipe's weighted terms; `forward(outputs, batch) -> (total, {name: value})`."""
+
+    def __init__(self, terms: dict[str, dict], streams: list[str], model: nn.Module | None = None):
+        super().__init__()
+        if not terms:
+            raise ConfigError("the objective has no terms; add one, e.g. objective.pixel.weight=1.0")
+        self.terms = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        for name, options in terms.items():
+            options = dict(options)
+            kind = options.pop("term", name)
+            self.weights[name] = float(options.pop("weight", 1.0))
+            stream = options.pop("stream", None)
+            if stream is None:
+                if len(streams) != 1:
+                    raise ConfigError(f"objective.{name}.stream must name one of the streams {streams}")
+                stream = streams[0]
+            if stream not in streams:
+                raise ConfigError(f"objective.{name}.stream {stream!r} is not one of the streams {streams}")
+            try:
+                term_class = OBJECTIVES.get(kind)
+            except KeyError as error:
+                raise ConfigError(f"objective.{name}: {error.args[0]}") from None
+            if term_class.reads_model:
+                options["model"] = model
+            try:
+                self.terms[name] = term_class(stream=stream, **options)
+            except TypeError as error:
+                raise ConfigError(f"objective.{name}: {error}") from None
+
+    def forward(self, outputs: Outputs, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        total, parts = None, {}
+        for name, term in self.terms.items():
+            value = term(outputs, batch)
+            parts[name] = value.detach()
+            weighted = self.weights[name] * value
+            total = weighted if total is None else total + weighted
+        return total, parts
+
+
+class Pretraining(nn.Module):
+    """The model and its loss terms as one module, so the trainer optimises, wraps
+    (DDP/FSDP) and checkpoints both: `pretraining(batch) -> (loss, parts, outputs)`."""
+
+    def __init__(self, model: nn.Module, objective: LossTerms):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], Outputs]:
+        outputs = self.model(batch)
+        loss, parts = self.objective(outputs, batch)
+        return loss, parts, outputs
+
+
+def layers_read(terms: dict[str, dict]) -> tuple[int, ...]:
+    """The encoder layers the recipe's terms read (`Objective.layers`), for the model to tap."""
+    layers = set()
     for name, options in terms.items():
-        options = dict(options)
-        weight = float(options.pop("weight", 1.0))
-        value = OBJECTIVES.get(name)(out, batch, **options)
-        parts[name] = value.detach()
-        total = weight * value if total is None else total + weight * value
-    if total is None:
-        raise ValueError("the objective has no terms; add one, e.g. objective.pixel.weight=1.0")
-    return total, parts
+        kind = options.get("term", name)
+        if kind in OBJECTIVES:
+            layers.update(OBJECTIVES.get(kind).layers(options))
+    return tuple(sorted(layers))

@@ -1,6 +1,6 @@
 """One registry per kind of plug-in, looked up by name.
 
-Modalities, maskers, objectives and model sizes register themselves on
+Modalities, maskers, objectives, encoders, decoders and model sizes register themselves on
 import; `polymae info` lists what is registered. An unknown name is a
 `KeyError` that names the registry and the names it knows.
 """
@@ -46,3 +46,5 @@ MODALITIES: Registry = Registry("modality")
 MASKERS: Registry[Callable] = Registry("masker")
 OBJECTIVES: Registry[Callable] = Registry("objective")
 MODEL_SIZES: Registry[dict] = Registry("model size")
+ENCODERS: Registry[Callable] = Registry("encoder")
+DECODERS: Registry[Callable] = Registry("decoder")

@@ -1,13 +1,21 @@
-"""The data model: Tokens, Mask and Batch.
+"""The data model (DESIGN.md, version 2): Tokens per stream, one Mask, Batch.
 
 MASK CONVENTION (stated once, used everywhere): in `Mask.hidden`, True means
-hidden (masked, to be predicted) and False means visible.
+hidden (masked, to be predicted) and False means visible. Padding (`valid`
+False) is neither: never visible, never a target.
 
-A masker hides exactly `round(ratio * N)` tokens of every sample, so a batch
-gathers densely. Every mask also carries the MAE argsort idiom:
-`ids_shuffle` orders tokens visible-first, `ids_keep` / `ids_hidden` are its
-two halves and `ids_restore` is its inverse permutation, so
-`torch.gather(shuffled, 1, ids_restore)` puts tokens back in their place.
+A sample holds one or more named *streams* (`image`, `caption`, ...), each
+tokenized by its modality into `Tokens`. A masker makes one `Mask` per
+stream; `collate` pads each stream to the batch's longest, concatenates the
+streams in the recipe's order and joins their masks into one `Mask` over
+that concatenation. Every mask carries the MAE argsort idiom: `ids_shuffle`
+orders a sample's tokens encoder-inputs first (visible tokens, and hidden
+tokens of streams whose encoder reads them as a mask token, BERT-style),
+then hidden, then padding; `ids_keep` is its first part, `ids_restore` its
+inverse permutation, so `torch.gather(shuffled, 1, ids_restore)` puts tokens
+back in their place. When samples have different numbers of encoder inputs
+(text, graphs, a Dirichlet-split budget), `ids_keep` is as long as the
+longest and `keep_valid` says which of its entries are real.
 """
 from __future__ import annotations
 
@@ -17,40 +25,84 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+# what a token enters the encoder as (Mask.substitute); values >= 0 name a token id
+# (ids streams: BERT's random replacement) or a token index (value streams)
+AS_ITSELF, AS_MASK_TOKEN = -1, -2
+
 
 @dataclass
 class Tokens:
-    """What a tokenizer makes of one sample (or, stacked, of a batch).
+    """What a tokenizer makes of one stream of one sample (or, stacked, of a batch).
 
-    values: float [N, d_in]  the reconstruction target lives in this space (between
-            tokenizer and loader it may be a compact dtype, e.g. uint8 pixels,
-            until `Modality.finish` makes it float)
-    coords: float [N, k]     what the position encoding reads (grid index, time, xyz, ...)
-    valid:  bool  [N] or None, False on padding tokens
-    grid:   token-grid shape (e.g. (h, w)) when the tokens tile a grid, else None;
-            structured maskers (block, colour) and `untokenize` read it.
-    foreground: bool [N] or None, True on tokens that hold content (an occupied
-            voxel patch, an object's pixels), set by tokenizers that know it;
-            content-aware maskers (voxel-aware masking) read it.
+    values: [N, d]        the reconstruction target space (float; between tokenizer and
+                          loader it may be a compact storage dtype, e.g. uint8 pixels, until
+                          `Modality.finish` makes it float), or None for a discrete stream
+    ids:    long [N]      discrete tokens (sub-words, atom types) whose target is a class index
+    coords: float [N, k]  what the position encoding reads (grid (x, y), time, xyz, position)
+    valid:  bool [N]      False on padding; None: every token is real
+    grid:   the token grid's shape, in the tokenizer's row-major order (image: (rows, cols);
+            voxel: (X, Y, Z)); None for tokens off a grid. Structured maskers and
+            `untokenize` read it; it is the same for every sample of a batch.
+    fields: further per-token tensors [N, ...] named by the modality (a voxel patch's
+            `foreground`, a sub-word's `word_ids`), batched like `values`
+    edges:  long [2, E]   relations between this sample's tokens, in its token indices;
+            batched by concatenation with offsets into the padded layout (b * N_max + i)
+    edge_fields: per-edge tensors [E, ...], concatenated alike
     """
 
-    values: Tensor
-    coords: Tensor
+    values: Tensor | None = None
+    coords: Tensor | None = None
+    ids: Tensor | None = None
     valid: Tensor | None = None
     grid: tuple[int, ...] | None = None
-    foreground: Tensor | None = None
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    edges: Tensor | None = None
+    edge_fields: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.values is None and self.ids is None:
+            raise ValueError("Tokens need values or ids")
+        if self.coords is None:  # a 1-D sequence: its position is its index
+            n = self.num_tokens
+            lead = self.primary.shape[:-2] if self.values is not None else self.ids.shape[:-1]
+            self.coords = torch.arange(n, dtype=torch.float32).view(n, 1).expand(*lead, n, 1)
+
+    @property
+    def primary(self) -> Tensor:
+        return self.values if self.values is not None else self.ids
 
     @property
     def num_tokens(self) -> int:
-        return self.values.shape[-2]
+        return self.values.shape[-2] if self.values is not None else self.ids.shape[-1]
+
+    @property
+    def num_real(self) -> int:
+        """Real (non-padding) tokens of one sample."""
+        return self.num_tokens if self.valid is None else int(self.valid.sum())
 
 
 @dataclass
 class Mask:
-    hidden: Tensor       # bool [N] (or [B, N] stacked); True = hidden
-    ids_shuffle: Tensor  # long [N]: visible tokens first, then hidden ones
-    ids_restore: Tensor  # long [N]: inverse of ids_shuffle
+    """One sample's (or, stacked, a batch's) mask; see the module docstring.
+
+    hidden:      bool [N]   True = hidden (a target)
+    ids_shuffle: long [N]   encoder inputs first, then the other hidden tokens, then padding
+    ids_restore: long [N]   inverse of ids_shuffle
+    num_visible: int        how many tokens the encoder reads (per batch: the longest row)
+    keep_valid:  bool [B, num_visible] or None: which of a row's `ids_keep` are real (None: all)
+    decode:      bool [N] or None: the hidden tokens the decoder reconstructs when fewer than
+                 all (VideoMAE V2's running cell); None = every hidden token
+    substitute:  long [N] or None: what each encoder input enters as (AS_ITSELF, AS_MASK_TOKEN,
+                 or an id / token index >= 0); None = visible tokens as themselves only
+    """
+
+    hidden: Tensor
+    ids_shuffle: Tensor
+    ids_restore: Tensor
     num_visible: int
+    keep_valid: Tensor | None = None
+    decode: Tensor | None = None
+    substitute: Tensor | None = None
 
     @property
     def ids_keep(self) -> Tensor:
@@ -58,55 +110,108 @@ class Mask:
 
     @property
     def ids_hidden(self) -> Tensor:
+        """The tokens after the encoder inputs (uniform batches: exactly the hidden ones)."""
         return self.ids_shuffle[..., self.num_visible:]
 
+    @property
+    def num_hidden(self) -> int:
+        return int(self.hidden.sum())
+
     @classmethod
-    def from_scores(cls, scores: Tensor, num_hidden: int) -> "Mask":
-        """Hide the `num_hidden` tokens with the highest score (per row).
+    def from_scores(cls, scores: Tensor, num_hidden: int, valid: Tensor | None = None,
+                    encoder_reads_hidden: bool = False) -> "Mask":
+        """Hide the `num_hidden` real tokens with the highest score.
 
         Every masker reduces to this: random masking scores with uniform noise,
-        block and colour masking with structured scores. A stable sort keeps
-        the choice deterministic under ties.
+        block and colour masking with structured scores. Padding (`valid` False)
+        goes last and is neither visible nor hidden. A stable sort keeps the
+        choice deterministic under ties. `encoder_reads_hidden` (BERT-style
+        streams) keeps hidden tokens among the encoder inputs, in token order.
         """
         n = scores.shape[-1]
-        if not 0 <= num_hidden <= n:
-            raise ValueError(f"cannot hide {num_hidden} of {n} tokens")
-        ids_shuffle = torch.argsort(scores, dim=-1, stable=True)  # ascending: visible first
-        # the inverse permutation, by scattering positions (a second argsort would sort again)
-        positions = torch.arange(n, device=scores.device).expand_as(ids_shuffle)
-        ids_restore = torch.empty_like(ids_shuffle).scatter_(-1, ids_shuffle, positions)
-        hidden = ids_restore >= (n - num_hidden)
-        return cls(hidden=hidden, ids_shuffle=ids_shuffle, ids_restore=ids_restore, num_visible=n - num_hidden)
+        real = n if valid is None else int(valid.sum())
+        if not 0 <= num_hidden <= real:
+            raise ValueError(f"cannot hide {num_hidden} of {real} tokens")
+        if valid is not None and real < n:
+            scores = torch.where(valid, scores.float(), torch.full_like(scores, torch.inf, dtype=torch.float32))
+        order = torch.argsort(scores, dim=-1, stable=True)  # ascending: visible, hidden, padding
+        rank = inverse_permutation(order)
+        hidden = (rank >= real - num_hidden) & (rank < real)
+        if encoder_reads_hidden:  # every real token is an encoder input, in its own order
+            order = torch.cat([torch.arange(n)[: real] if valid is None else valid.nonzero().flatten(),
+                               (~valid).nonzero().flatten() if valid is not None else order[:0]])
+            return cls(hidden=hidden, ids_shuffle=order, ids_restore=inverse_permutation(order), num_visible=real)
+        return cls(hidden=hidden, ids_shuffle=order, ids_restore=rank, num_visible=real - num_hidden)
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """The inverse of a permutation along the last axis, by scattering positions (a second argsort would sort again)."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def hidden_count(num_tokens: int, ratio: float) -> int:
     """The exact number of tokens every masker hides: round(ratio * N), at least one visible."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if num_tokens <= 0:
+        return 0
     return min(int(round(ratio * num_tokens)), num_tokens - 1)
 
 
 @dataclass
 class Batch:
-    """Stacked Tokens + Mask, labels when the data has them, and bookkeeping.
+    """Per-stream stacked Tokens (in the recipe's stream order), one Mask over their
+    concatenation, labels when the data has them, and bookkeeping.
 
     `skipped` counts records the data worker skipped since its previous batch,
     by kind; the trainer sums them so nothing is dropped without a count.
-    `extras` carries per-modality tensors (e.g. a second view).
+    `views` holds further views of the same sample (CropMAE's second crop).
     """
 
-    tokens: Tokens
+    streams: dict[str, Tokens]
     mask: Mask
     labels: Tensor | None = None
     keys: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return self.tokens.values.shape[0]
+        return self.mask.hidden.shape[0]
+
+    @property
+    def tokens(self) -> Tokens:
+        """The one stream of a single-stream batch."""
+        if len(self.streams) != 1:
+            raise ValueError(f"this batch has streams {list(self.streams)}; pick one from Batch.streams")
+        return next(iter(self.streams.values()))
+
+    @property
+    def layout(self) -> dict[str, slice]:
+        """Where each stream's tokens sit in the concatenation the Mask covers."""
+        spans, start = {}, 0
+        for name, tokens in self.streams.items():
+            spans[name] = slice(start, start + tokens.num_tokens)
+            start += tokens.num_tokens
+        return spans
+
+    def stream_mask(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """(hidden, decode) [B, N_stream] of one stream."""
+        span = self.layout[name]
+        decode = None if self.mask.decode is None else self.mask.decode[:, span]
+        return self.mask.hidden[:, span], decode
+
+    def target_weights(self, name: str) -> Tensor:
+        """[B, N_stream] float: 1 on the stream's real tokens that are hidden (and decoded), else 0."""
+        hidden, decode = self.stream_mask(name)
+        weights = hidden if decode is None else hidden & decode
+        valid = self.streams[name].valid
+        if valid is not None:
+            weights = weights & valid
+        return weights.float()
 
     def map_tensors(self, fn: Callable[[Any], Any], kind: type = Tensor) -> "Batch":
-        """The same batch with `fn` applied to every tensor in it (tokens, mask, labels, extras),
+        """The same batch with `fn` applied to every tensor in it (tokens, mask, labels, views),
         or to every object of `kind` that stands in for one (pipelines/transport.py)."""
         def apply(obj):
             if isinstance(obj, kind):
@@ -117,15 +222,18 @@ class Batch:
                 return {k: apply(v) for k, v in obj.items()}
             return obj
 
-        return replace(self, tokens=apply(self.tokens), mask=apply(self.mask), labels=apply(self.labels),
-                       extras=apply(self.extras))
+        return replace(self, streams=apply(self.streams), mask=apply(self.mask), labels=apply(self.labels),
+                       views=apply(self.views))
 
     def to(self, device: torch.device | str) -> "Batch":
         return self.map_tensors(lambda t: t.to(device, non_blocking=True))
 
 
+# -- batching ---------------------------------------------------------------------------------------
+
 def stack_batch(columns: list[list[Tensor]], allocate: Callable[[int], Tensor] | None = None) -> list[Tensor]:
-    """`torch.stack` of each column of per-sample tensors, all into one block of memory.
+    """Each column of per-sample tensors stacked along a new first axis, padded with zeros
+    along the first per-sample axis to the column's longest, all into one block of memory.
 
     `allocate(nbytes)` gives the block (uint8); by default it is ordinary memory. The data
     loader passes its workers' shared-memory ring (pipelines/transport.py): one block per
@@ -133,46 +241,117 @@ def stack_batch(columns: list[list[Tensor]], allocate: Callable[[int], Tensor] |
     layout, total = [], 0
     for column in columns:
         total = -(-total // 64) * 64  # every tensor starts on a cache line, so any dtype is aligned
-        nbytes = len(column) * column[0].numel() * column[0].element_size()
-        layout.append((total, nbytes))
+        shape = (len(column), *column[0].shape) if column[0].dim() == 0 else \
+            (len(column), max(t.shape[0] for t in column), *column[0].shape[1:])
+        nbytes = column[0].element_size() * int(torch.Size(shape).numel())
+        layout.append((total, nbytes, shape))
         total += nbytes
     block = allocate(total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
     stacked = []
-    for column, (offset, nbytes) in zip(columns, layout):
-        out = block[offset:offset + nbytes].view(column[0].dtype).view(len(column), *column[0].shape)
-        stacked.append(torch.stack(column, out=out))
+    for column, (offset, nbytes, shape) in zip(columns, layout):
+        out = block[offset:offset + nbytes].view(column[0].dtype).view(shape)
+        if column[0].dim() == 0 or all(t.shape[0] == shape[1] for t in column):
+            torch.stack(column, out=out)
+        else:
+            out.zero_()
+            for row, tensor in zip(out, column):
+                row[: tensor.shape[0]].copy_(tensor)
+        stacked.append(out)
     return stacked
 
 
-def collate(items: list[tuple[Tokens, Mask, Any, str]], skipped: dict[str, int] | None = None,
-            allocate: Callable[[int], Tensor] | None = None) -> Batch:
-    """Stack per-sample (tokens, mask, label, key) into a dense Batch (in one block: `stack_batch`).
+def joint_mask(masks: list[Mask], lengths: list[int], padded: list[int]) -> Mask:
+    """One sample's stream masks -> one Mask over the streams concatenated, each padded to
+    `padded[s]` tokens: encoder inputs of every stream first, then hidden tokens, then padding."""
+    if len(masks) == 1 and lengths[0] == padded[0]:
+        return masks[0]
+    inputs, rest, pads, hidden, decode, substitute = [], [], [], [], [], []
+    offset = 0
+    any_decode = any(m.decode is not None for m in masks)
+    any_substitute = any(m.substitute is not None for m in masks)
+    for mask, length, width in zip(masks, lengths, padded):
+        inputs.append(mask.ids_keep + offset)
+        rest.append(mask.ids_shuffle[mask.num_visible:] + offset)  # hidden, then the tokenizer's own padding
+        pads.append(torch.arange(offset + length, offset + width))
+        hidden.append(torch.nn.functional.pad(mask.hidden, (0, width - length)))
+        if any_decode:
+            own = mask.decode if mask.decode is not None else mask.hidden
+            decode.append(torch.nn.functional.pad(own, (0, width - length)))
+        if any_substitute:
+            own = mask.substitute if mask.substitute is not None else torch.full((length,), AS_ITSELF)
+            substitute.append(torch.nn.functional.pad(own, (0, width - length), value=AS_ITSELF))
+        offset += width
+    order = torch.cat(inputs + rest + pads)
+    return Mask(hidden=torch.cat(hidden), ids_shuffle=order, ids_restore=inverse_permutation(order),
+                num_visible=sum(len(i) for i in inputs), decode=torch.cat(decode) if any_decode else None,
+                substitute=torch.cat(substitute) if any_substitute else None)
 
-    Every sample must have the same token count and the same number of
-    visible tokens (maskers guarantee the latter); a mismatch names the keys.
+
+def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], skipped: dict[str, int] | None = None,
+            allocate: Callable[[int], Tensor] | None = None) -> Batch:
+    """Per-sample (streams, stream masks, label, key) -> one Batch, in one block (`stack_batch`).
+
+    Each stream's per-token tensors are padded to the batch's longest with `valid` False
+    (stacked as they are when every sample has the same count), its edges concatenated
+    with offsets into the padded layout; the stream masks join into one Mask (`joint_mask`).
     """
-    tokens = [t for t, _, _, _ in items]
-    masks = [m for _, m, _, _ in items]
-    keys = [k for _, _, _, k in items]
-    shapes = {tuple(t.values.shape) for t in tokens}
-    if len(shapes) != 1:
-        raise ValueError(f"cannot batch tokens of shapes {sorted(shapes)} (keys {keys[:4]}...): "
-                         "resize or pad to one token count")
-    if len({m.num_visible for m in masks}) != 1:
-        raise ValueError(f"masks in one batch hide different token counts (keys {keys[:4]}...)")
+    keys = [key for _, _, _, key in items]
+    names = list(items[0][0])
+    for streams, _, _, key in items:
+        if list(streams) != names:
+            raise ValueError(f"record {key!r} has streams {list(streams)}, the batch {names}")
+    columns: dict[str, list[Tensor]] = {}
+    padded, lengths_per_stream = {}, {}
+    for name in names:
+        per_sample = [streams[name] for streams, _, _, _ in items]
+        lengths = [t.num_tokens for t in per_sample]
+        lengths_per_stream[name], padded[name] = lengths, max(lengths)
+        ragged = len(set(lengths)) > 1
+        first = per_sample[0]
+        if first.grid is not None and any(t.grid != first.grid for t in per_sample):
+            raise ValueError(f"stream {name!r}: records of token grids {sorted({t.grid for t in per_sample})} "
+                             f"(keys {keys[:4]}...) cannot share a batch: resize them to one grid")
+        for part in ("values", "ids", "coords"):
+            if getattr(first, part) is not None:
+                columns[f"{name}/{part}"] = [getattr(t, part) for t in per_sample]
+        if ragged or first.valid is not None:
+            columns[f"{name}/valid"] = [t.valid if t.valid is not None else torch.ones(t.num_tokens, dtype=torch.bool)
+                                        for t in per_sample]
+        for part in first.fields:
+            columns[f"{name}/fields/{part}"] = [t.fields[part] for t in per_sample]
+    masks = [joint_mask([m[n] for n in names], [lengths_per_stream[n][i] for n in names], [padded[n] for n in names])
+             for i, (_, m, _, _) in enumerate(items)]
+    visible = [m.num_visible for m in masks]
+    for part in ("hidden", "ids_shuffle", "ids_restore", "decode", "substitute"):
+        if getattr(masks[0], part) is not None:
+            columns[f"mask/{part}"] = [getattr(m, part) for m in masks]
     labels = [lab for _, _, lab, _ in items]
-    columns = {"values": [t.values for t in tokens], "coords": [t.coords for t in tokens],
-               "hidden": [m.hidden for m in masks], "ids_shuffle": [m.ids_shuffle for m in masks],
-               "ids_restore": [m.ids_restore for m in masks]}
-    if tokens[0].valid is not None:
-        columns["valid"] = [t.valid for t in tokens]
-    if all(t.foreground is not None for t in tokens):
-        columns["foreground"] = [t.foreground for t in tokens]
     if all(lab is not None for lab in labels):
         columns["labels"] = [torch.as_tensor(lab) for lab in labels]
     out = dict(zip(columns, stack_batch(list(columns.values()), allocate)))
-    stacked = Tokens(values=out["values"], coords=out["coords"], valid=out.get("valid"), grid=tokens[0].grid,
-                     foreground=out.get("foreground"))
-    mask = Mask(hidden=out["hidden"], ids_shuffle=out["ids_shuffle"], ids_restore=out["ids_restore"],
-                num_visible=masks[0].num_visible)
-    return Batch(tokens=stacked, mask=mask, labels=out.get("labels"), keys=keys, skipped=dict(skipped or {}))
+
+    streams = {}
+    for name in names:
+        first = items[0][0][name]
+        edges, edge_fields = concat_edges([s[name] for s, _, _, _ in items], padded[name])
+        streams[name] = Tokens(values=out.get(f"{name}/values"), ids=out.get(f"{name}/ids"),
+                               coords=out[f"{name}/coords"], valid=out.get(f"{name}/valid"), grid=first.grid,
+                               fields={part: out[f"{name}/fields/{part}"] for part in first.fields},
+                               edges=edges, edge_fields=edge_fields)
+    keep_valid = None
+    if len(set(visible)) > 1:
+        keep_valid = torch.arange(max(visible))[None, :] < torch.tensor(visible)[:, None]
+    mask = Mask(hidden=out["mask/hidden"], ids_shuffle=out["mask/ids_shuffle"], ids_restore=out["mask/ids_restore"],
+                num_visible=max(visible), keep_valid=keep_valid, decode=out.get("mask/decode"),
+                substitute=out.get("mask/substitute"))
+    return Batch(streams=streams, mask=mask, labels=out.get("labels"), keys=keys, skipped=dict(skipped or {}))
+
+
+def concat_edges(per_sample: list[Tokens], width: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Per-sample edges [2, E_i] (local indices) -> [2, sum E_i] into the padded layout
+    (sample b's token i is b * width + i, as PyG's Batch offsets graphs), with their fields."""
+    if per_sample[0].edges is None:
+        return None, {}
+    edges = torch.cat([t.edges + b * width for b, t in enumerate(per_sample)], dim=1)
+    fields_ = {name: torch.cat([t.edge_fields[name] for t in per_sample]) for name in per_sample[0].edge_fields}
+    return edges, fields_

@@ -6,10 +6,14 @@ gradient clipping, a guard against non-finite losses, atomic checkpoints,
 a progress bar with loss, throughput and ETA, JSON-lines metrics,
 TensorBoard scalars and a reconstruction picture every N steps.
 
-The trainer knows nothing of modalities: it gets a model, a loss function
-`loss_fn(model, batch) -> (loss, parts, out)`, an optional picture function,
-and `batches(epoch, start) -> iterable of Batch` that it restarts each epoch
-(`start` skips the batches a resumed run has already trained on).
+The trainer knows nothing of modalities: it gets one module,
+`module(batch) -> (loss, parts, outputs)` (shared/objectives.py's
+`Pretraining`: the model and its loss terms, whose own parameters are
+optimised and checkpointed alike), an optional picture function, and
+`batches(epoch, start) -> iterable of Batch` that it restarts each epoch
+(`start` skips the batches a resumed run has already trained on). Batches
+arrive on the trainer's device, finished (pipelines/stream.py's Loader moves
+them once).
 
 Under torchrun it wraps the model in DDP or FSDP; every rank must see the
 same number of batches (the stream's per-rank quota guarantees it), every
@@ -17,6 +21,7 @@ collective happens at the same step on every rank, and only rank 0 writes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +56,31 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@functools.cache
+def bf16_is_faster(device_type: str) -> bool:
+    """Whether bf16 matmuls beat fp32 here, measured once (a 512^3 matmul, best of 5): with
+    AMX or AVX-512 BF16 they are 2-8x faster, on an AVX2-only CPU about 20x slower."""
+    if device_type != "cpu":
+        return True
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    return timings[torch.bfloat16] < timings[torch.float32]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`trainer.precision`: bf16 and fp32 as asked; auto: bf16 where it is measured faster."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_is_faster(device.type) else "fp32"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -95,17 +125,16 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, config: TrainerConfig, run_dir: Path,
-                 loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict, dict]], config_text: str = "",
-                 picture_fn: Callable[[Batch, dict], "object"] | None = None, log: Callable[[str], None] = print,
+    def __init__(self, module: nn.Module, config: TrainerConfig, run_dir: Path, config_text: str = "",
+                 picture_fn: Callable[[Batch, "object"], "object"] | None = None, log: Callable[[str], None] = print,
                  context: DistributedContext | None = None):
         reuse_freed_memory()  # activations are megabytes, freed and reallocated every step
-        self.config, self.run_dir, self.loss_fn = config, Path(run_dir), loss_fn
+        self.config, self.run_dir = config, Path(run_dir)
         self.picture_fn, self.config_text = picture_fn, config_text
         self.context = context or DistributedContext(device=pick_device(config.device))
         self.log = log if self.context.is_main else (lambda message: None)
         self.device = self.context.device
-        self.model = wrap(model.to(self.device), self.context, config.strategy)
+        self.model = wrap(module.to(self.device), self.context, config.strategy)
         self.optimizer = make_adamw(param_groups(self.model, config.weight_decay), lr=config.lr,
                                     betas=tuple(config.betas))
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
@@ -146,7 +175,7 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------
     def autocast(self):
-        if self.config.precision == "bf16":
+        if resolve_precision(self.config.precision, self.device) == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -194,98 +223,128 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------
     def fit(self, batches: Callable[[int, int], Iterable[Batch]]) -> dict:
+        """Train until `max_steps` or `max_minutes`, epoch after epoch; a summary of the run."""
+        c = self.config
+        self.open_logs()
+        self.started = time.perf_counter()
+        self.deadline = self.started + 60 * c.max_minutes if c.max_minutes else math.inf
+        self.window_start, self.window_samples, self.last_loss, self.micro = time.perf_counter(), 0, float("nan"), 0
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        last = None  # (batch, outputs) of the last step, for the final picture
+        try:
+            done = self.step >= c.max_steps  # a finished run, resumed: nothing left to train
+            while not done:
+                done, last = self.run_epoch(batches(self.epoch, self.batches_in_epoch), last)
+            if self.step % c.ckpt_every:  # the final state, unless that step was just saved
+                self.save()
+            if last is not None:
+                self.save_picture(*last, "reconstruction.png")
+        finally:
+            self.close_logs()
+        return self.summary()
+
+    def run_epoch(self, batches: Iterable[Batch], last) -> tuple[bool, object]:
+        """One pass over the epoch's batches; (whether training is done, the last step's batch and outputs)."""
+        produced = 0
+        for batch in batches:
+            produced += 1
+            self.batches_in_epoch += 1
+            self.skipped.update(batch.skipped)
+            self.records_seen += len(batch)
+            if len(batch) == 0:  # a worker's last word: only skip counts
+                continue
+            stepped, loss, parts, outputs = self.train_step(batch)
+            if not stepped:
+                continue
+            last = (batch, outputs)
+            if self.after_step(loss, parts, batch, outputs):
+                return True, last
+        if produced == 0:
+            raise TrainingError("the data stream produced no batches: are the shards empty?")
+        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        return False, last
+
+    def train_step(self, batch: Batch):
+        """Forward, backward and (every `accum_steps` micro-batches) an optimiser step;
+        (whether the optimiser stepped, loss, loss parts, outputs)."""
+        c = self.config
+        self.lr = self.set_lr()
+        with self.autocast():
+            loss, parts, outputs = self.model(batch)
+        if not self.guard_nonfinite(loss):
+            self.micro = 0
+            return False, loss, parts, outputs
+        (loss / c.accum_steps).backward()
+        self.micro += 1
+        self.window_samples += len(batch)
+        if self.micro < c.accum_steps:
+            return False, loss, parts, outputs
+        self.micro = 0
+        if c.clip_grad:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+            if not self.guard_nonfinite(grad_norm):
+                return False, loss, parts, outputs
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bar.update(1)
+        return True, loss, parts, outputs
+
+    def after_step(self, loss, parts: dict, batch: Batch, outputs) -> bool:
+        """Log, draw and checkpoint on their schedules; True when training is done."""
+        c = self.config
+        if self.step % c.log_every == 0 or self.step == c.max_steps:
+            self.log_metrics(loss, parts)
+        if self.step % c.picture_every == 0:
+            self.save_picture(batch, outputs, f"pictures/step-{self.step:06d}.png")
+        if self.step % c.ckpt_every == 0:
+            self.save()
+        out_of_time = all_reduce(torch.tensor(int(time.perf_counter() > self.deadline)), "max").item()
+        return self.step >= c.max_steps or bool(out_of_time)
+
+    def open_logs(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        c = self.config
         main = self.context.is_main
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
-        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not main)
-        started = time.perf_counter()
-        deadline = started + 60 * c.max_minutes if c.max_minutes else math.inf
-        window_start, window_samples, last_loss, micro = time.perf_counter(), 0, float("nan"), 0
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        stop = self.step >= c.max_steps  # a finished run, resumed: nothing left to train
-        batch = out = None
-        try:
-            while not stop:
-                produced = 0
-                for batch in batches(self.epoch, self.batches_in_epoch):
-                    produced += 1
-                    self.batches_in_epoch += 1
-                    self.skipped.update(batch.skipped)
-                    self.records_seen += len(batch)
-                    if len(batch) == 0:  # a worker's last word: only skip counts
-                        continue
-                    batch = batch.to(self.device)
-                    lr = self.set_lr()
-                    with self.autocast():
-                        loss, parts, out = self.loss_fn(self.model, batch)
-                    if not self.guard_nonfinite(loss):
-                        micro = 0
-                        continue
-                    (loss / c.accum_steps).backward()
-                    micro += 1
-                    window_samples += len(batch)
-                    if micro < c.accum_steps:
-                        continue
-                    micro = 0
-                    if c.clip_grad:
-                        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
-                        if not self.guard_nonfinite(grad_norm):
-                            continue
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    bar.update(1)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard")) if main else None
+        self.bar = tqdm(total=self.config.max_steps, initial=self.step, desc="pretrain", unit="step",
+                        dynamic_ncols=True, disable=not main)
 
-                    if self.step % c.log_every == 0 or self.step == c.max_steps:
-                        # averaged over ranks; samples/s summed over ranks
-                        reduced = all_reduce(torch.stack([loss.detach().float().cpu(),
-                                                          *[v.detach().float().cpu() for v in parts.values()]]),
-                                             "mean")
-                        last_loss = reduced[0].item()
-                        now = time.perf_counter()
-                        rate = all_reduce(torch.tensor(window_samples / max(now - window_start, 1e-9)), "sum")
-                        window_start, window_samples = now, 0
-                        self.check_bad_fraction(*self.record_counts())
-                        if main:
-                            record = {"step": self.step, "loss": last_loss, "lr": lr, "samples_per_s": rate.item(),
-                                      "epoch": self.epoch, "elapsed_s": now - started,
-                                      **{f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
-                                      "skipped": sum(self.skipped.values())}
-                            metrics_file.write(json.dumps(record) + "\n")
-                            metrics_file.flush()
-                            for key in ("loss", "lr", "samples_per_s"):
-                                writer.add_scalar(f"train/{key}", record[key], self.step)
-                            bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate.item():.0f}", lr=f"{lr:.2e}")
-                    if main and self.picture_fn is not None and self.step % c.picture_every == 0:
-                        self.save_picture(batch, out, f"pictures/step-{self.step:06d}.png")
-                    if self.step % c.ckpt_every == 0:
-                        self.save()
-                    out_of_time = all_reduce(torch.tensor(int(time.perf_counter() > deadline)), "max").item()
-                    if self.step >= c.max_steps or out_of_time:
-                        stop = True
-                        break
-                else:
-                    self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-                    if produced == 0:
-                        raise TrainingError("the data stream produced no batches: are the shards empty?")
-            if self.step % c.ckpt_every:  # the final state, unless that step was just saved
-                self.save()
-            if main and self.picture_fn is not None and out is not None:
-                self.save_picture(batch, out, "reconstruction.png")
-        finally:
-            bar.close()
-            if main:
-                writer.close()
-                metrics_file.close()
-        elapsed = time.perf_counter() - started
+    def close_logs(self) -> None:
+        self.bar.close()
+        if self.context.is_main:
+            self.writer.close()
+            self.metrics_file.close()
+
+    def log_metrics(self, loss: torch.Tensor, parts: dict) -> None:
+        """Loss and its parts averaged over ranks, samples/s summed over ranks, to the
+        metrics file, TensorBoard and the progress bar (a collective: every rank calls it)."""
+        reduced = all_reduce(torch.stack([loss.detach().float().cpu(),
+                                          *[v.detach().float().cpu() for v in parts.values()]]), "mean")
+        self.last_loss = reduced[0].item()
+        now = time.perf_counter()
+        rate = all_reduce(torch.tensor(self.window_samples / max(now - self.window_start, 1e-9)), "sum")
+        self.window_start, self.window_samples = now, 0
+        self.check_bad_fraction(*self.record_counts())
+        if not self.context.is_main:
+            return
+        record = {"step": self.step, "loss": self.last_loss, "lr": self.lr, "samples_per_s": rate.item(),
+                  "epoch": self.epoch, "elapsed_s": now - self.started,
+                  **{f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
+                  "skipped": sum(self.skipped.values())}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        for key in ("loss", "lr", "samples_per_s"):
+            self.writer.add_scalar(f"train/{key}", record[key], self.step)
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", samples_s=f"{rate.item():.0f}", lr=f"{self.lr:.2e}")
+
+    def summary(self) -> dict:
+        elapsed = time.perf_counter() - self.started
         seen, skipped = self.record_counts()
-        summary = {"steps": self.step, "final_loss": last_loss, "train_seconds": elapsed,
+        summary = {"steps": self.step, "final_loss": self.last_loss, "train_seconds": elapsed,
                    "records_seen": seen, "skipped": skipped, "nonfinite_steps": self.nonfinite_steps,
                    "world_size": self.context.world_size, **self.replica_check()}
         if skipped:
@@ -308,9 +367,12 @@ class Trainer:
             raise TrainingError(f"DDP replicas diverged: parameter digests differ across ranks ({digests})")
         return {"steps_per_rank": steps, "parameter_digests": digests}
 
-    def save_picture(self, batch: Batch, out: dict, name: str) -> None:
+    def save_picture(self, batch: Batch, outputs, name: str) -> None:
+        """Rank 0 draws its batch (`picture_fn(batch, outputs)`, on the CPU) to run_dir/name."""
+        if not self.context.is_main or self.picture_fn is None:
+            return
         path = self.run_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():  # the picture is of rank 0's batch
-            picture = self.picture_fn(batch.to("cpu"), {k: v.detach().float().cpu() for k, v in out.items()})
+        with torch.no_grad():
+            picture = self.picture_fn(batch.to("cpu"), outputs.map(lambda t: t.detach().float().cpu()))
         picture.save(path)

@@ -20,18 +20,19 @@ import pytest
 import torch
 
 from polymae.modalities.pointcloud import adapters
-from polymae.modalities.pointcloud.adapters import (Cloud, ScanFetchError, decode_points, encode_npz,
-                                                    fetch_laspy_test_scans, preprocess, read_source, tile_cloud,
-                                                    write_open3d)
+from polymae.modalities.pointcloud.adapters import (Cloud, decode_points, encode_npz, preprocess, read_source,
+                                                    tile_cloud, write_open3d)
 from polymae.modalities.pointcloud.masking import PointBlockMasker, RadialMasker
 from polymae.modalities.pointcloud.modality import LidarModality, PointCloudModality
 from polymae.modalities.pointcloud.objectives import chamfer_distance, chamfer_loss, occupancy_loss, occupancy_target
+from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans
 from polymae.modalities.pointcloud.tokenizer import (farthest_point_sample, group, knn, tokenize_points,
                                                      untokenize_points)
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
 from polymae.shared.model import ModelConfig
 from polymae.shared.objectives import total_loss
+from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.registry import MASKERS, MODALITIES, OBJECTIVES
 from polymae.shared.tokens import Batch, Tokens, collate, hidden_count
 
@@ -45,8 +46,8 @@ SMALL = ModelConfig(width=64, depth=2, heads=4, decoder_width=64, decoder_depth=
 def scans():
     try:
         return fetch_laspy_test_scans()
-    except ScanFetchError as error:
-        pytest.skip(f"laspy {adapters.LASPY_VERSION}'s test scans could not be fetched through pip: {error}")
+    except PackagedDataError as error:
+        pytest.skip(f"laspy {LASPY_VERSION}'s test scans could not be fetched through pip: {error}")
 
 
 def read(path) -> Cloud:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import polymae.modalities  # noqa: F401  (registers the modalities)
+from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans
 from polymae.modalities.voxel import adapters
 from polymae.modalities.voxel.masking import VoxelAwareMasker, class_split
 from polymae.modalities.voxel.modality import VoxelModality, crop_or_pad
@@ -26,6 +27,7 @@ from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
 from polymae.shared.model import ModelConfig
 from polymae.shared.objectives import total_loss
+from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.registry import MASKERS, MODALITIES, OBJECTIVES
 from polymae.shared.tokens import Batch, Tokens, collate, hidden_count
 
@@ -43,9 +45,9 @@ def brain_samples() -> list[dict]:
 @pytest.fixture(scope="module")
 def scan_folder():
     try:
-        return adapters.fetch_laspy_test_scans()
-    except adapters.ScanFetchError as error:
-        pytest.skip(f"pip could not fetch laspy {adapters.LASPY_VERSION}'s sdist (its tests/data holds the "
+        return fetch_laspy_test_scans()
+    except PackagedDataError as error:
+        pytest.skip(f"pip could not fetch laspy {LASPY_VERSION}'s sdist (its tests/data holds the "
                     f"scans): {error}")
 
 

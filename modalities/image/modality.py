@@ -9,7 +9,7 @@ from PIL import Image
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
 from polymae.shared.registry import MODALITIES
-from polymae.shared.tokens import Mask, Tokens
+from polymae.shared.tokens import Tokens
 
 from . import adapters
 from .augment import random_hflip, random_resized_crop, resize
@@ -54,8 +54,8 @@ class ImageModality(Modality):
     Options = ImageOptions
     default_masker = "random"
 
-    def __init__(self, options: dict | None = None):
-        super().__init__(options)
+    def __init__(self, options: dict | None = None, **kwargs):
+        super().__init__(options, **kwargs)
         self.affines: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sources(self):
@@ -135,11 +135,29 @@ class ImageModality(Modality):
         """Coords are (x, y) = (col, row): x runs over the grid's width."""
         return self.grid[::-1]
 
+    # -- Hugging Face ViTMAE -------------------------------------------------------
+    def import_weights(self, model, folder, stream: str) -> bool:
+        """`model.init_from` a local ViTMAE folder; False when the folder holds another kind of model."""
+        from . import hf_interop
+
+        if hf_interop.folder_model_type(folder) != "vit_mae":
+            return False
+        hf_interop.load_hf_weights(model, folder)
+        return True
+
+    def export_weights(self, model, folder, encoder_only: bool, norm_pix: bool, mask_ratio: float):
+        """(folder, class name): the model as a Hugging Face ViTMAE folder `from_pretrained` loads."""
+        from . import hf_interop
+
+        written = hf_interop.save_hf_folder(model, folder, encoder_only=encoder_only, norm_pix_loss=norm_pix,
+                                            mask_ratio=mask_ratio)
+        return written, "ViTMAEModel" if encoder_only else "ViTMAEForPreTraining"
+
     # -- pictures ---------------------------------------------------------------
-    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8):
+    def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8):
         """Rows of original | masked (hidden patches grey) | reconstruction (visible patches pasted
         back), each cell scaled to about 96 px and set apart by a white gap."""
-        values, hidden = tokens.values[:rows].float(), mask.hidden[:rows].unsqueeze(-1)
+        values, hidden = tokens.values[:rows].float(), hidden[:rows].unsqueeze(-1)
         pred = pred[:rows].float()
         grey = torch.zeros_like(values)  # the normalised mean: mid grey
         panels = [values, torch.where(hidden, grey, values), torch.where(hidden, pred, values)]

@@ -44,8 +44,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans  # noqa: F401
 from polymae.shared.errors import BadInput
-from polymae.shared.packaged_data import LASPY_VERSION, ScanFetchError, fetch_laspy_test_scans  # noqa: F401
+from polymae.shared.packaged_data import PackagedDataError
 
 FEATURE_WIDTHS = {"rgb": 3, "intensity": 1, "normals": 3}
 POINT_SUFFIXES = {".ply": "points.ply", ".pcd": "points.pcd", ".las": "points.las", ".laz": "points.laz",
@@ -489,7 +490,7 @@ def read_file(path: Path, settings: TileSettings) -> SourceSamples:
 def laspy_scan_paths(names: Iterable[str], cache_dir: str | Path | None = None) -> list[Path]:
     try:
         folder = fetch_laspy_test_scans(cache_dir)
-    except ScanFetchError as error:
+    except PackagedDataError as error:
         raise BadInput("laspy-tiles", f"cannot fetch laspy's test scans: {error}", "missing_source") from None
     return [folder / name for name in names if (folder / name).is_file()]
 

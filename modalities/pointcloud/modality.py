@@ -25,14 +25,14 @@ from PIL import Image, ImageDraw
 
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
-from polymae.shared.model import ModelConfig
+from polymae.shared.model import DecoderConfig, ModelConfig
 from polymae.shared.registry import MODALITIES
-from polymae.shared.tokens import Mask, Tokens
+from polymae.shared.tokens import Tokens
 
 from . import adapters
 from . import masking as _masking  # noqa: F401  (registers point_block and radial)
 from . import objectives as _objectives  # noqa: F401  (registers chamfer and occupancy)
-from .model import PointMAE
+from .model import PointDecoder, PointInputAdapter
 from .tokenizer import tokenize_points, untokenize_points
 
 NORMALISATIONS = ("unit_sphere", "sensor", "scale")
@@ -214,22 +214,28 @@ class PointCloudModality(Modality):
         return 3
 
     # -- model --------------------------------------------------------------
-    def build_model(self, config: ModelConfig) -> PointMAE:
+    def input_adapter(self, width: int, config: ModelConfig) -> PointInputAdapter:
         if config.position == "learned":
             raise ConfigError("model.position: point groups have no fixed grid for a learned table; "
                               "use mlp (Point-MAE) or sincos")
         o = self.options
-        return PointMAE(o.point_dim, o.group_size, config, o.occupancy_grid, o.embed_hidden)
+        return PointInputAdapter(o.point_dim, o.group_size, width, config.position, o.embed_hidden)
+
+    def decoder(self, decoder: DecoderConfig, encoder_width: int, config: ModelConfig) -> PointDecoder:
+        if (decoder.kind or "transformer") != "transformer":
+            raise ConfigError(f"point groups are decoded by a transformer decoder, not {decoder.kind!r}")
+        o = self.options
+        return PointDecoder(encoder_width, o.point_dim, o.group_size, config, decoder, o.occupancy_grid)
 
     # -- pictures -------------------------------------------------------------
-    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
+    def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:
         """Rows of original | visible groups | reconstruction (visible groups + predicted
         hidden groups in red), each panel as top (x-y), front (x-z) and side (y-z) views."""
         rows = min(rows, tokens.values.shape[0])
         k = self.options.group_size
         true = self.untokenize(Tokens(tokens.values[:rows], tokens.coords[:rows])).numpy()
         guess = self.untokenize(Tokens(pred[:rows].float(), tokens.coords[:rows])).numpy()
-        hidden = mask.hidden[:rows].cpu().numpy().repeat(k, axis=1)  # per point
+        hidden = hidden[:rows].cpu().numpy().repeat(k, axis=1)  # per point
         rgb_at = self.feature_column("rgb")
         lines = []
         for i in range(rows):

@@ -8,19 +8,19 @@ PointNetEmbed   a mini-PointNet per group, as Point-MAE's encoder: a shared
 PointInputAdapter  PointNetEmbed(values) + position(centres); the position is
                 an MLP on the centre's xyz (Point-MAE) or sin-cos, by
                 `model.position`.
-PointMAE        the shared MaskedAutoencoder with this adapter; its output
-                adds `points` (the prediction viewed as [B, G, k, D] points)
-                and, with `occupancy_grid` > 0, `occupancy` logits
-                [B, G, grid^3] from a second head on the decoder features.
+PointDecoder    the shared transformer decoder; its output adds `points` (the
+                prediction viewed as [B, G, k, D] points) and, with
+                `occupancy_grid` > 0, `occupancy` logits [B, G, grid^3] from a
+                second head on the decoder features.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from polymae.shared.model import MaskedAutoencoder, ModelConfig, gather_tokens
+from polymae.shared.model import DecoderConfig, ModelConfig, TransformerDecoder
 from polymae.shared.position import build_position
-from polymae.shared.tokens import Mask
+from polymae.shared.tokens import Tokens
 
 
 def shared_mlp(sizes: list[int]) -> nn.Sequential:
@@ -54,32 +54,30 @@ class PointNetEmbed(nn.Module):
 class PointInputAdapter(nn.Module):
     def __init__(self, point_dim: int, group_size: int, width: int, position: str = "mlp", hidden: int = 256):
         super().__init__()
+        self.grid = None
         self.embed = PointNetEmbed(point_dim, group_size, width, hidden)
         self.position = build_position(position, width, 3)
 
-    def forward(self, values: Tensor, coords: Tensor) -> Tensor:
-        return self.embed(values) + self.position(coords).to(values.dtype)
+    def forward(self, tokens: Tokens) -> Tensor:
+        return self.embed(tokens.values) + self.position(tokens.coords).to(tokens.values.dtype)
 
 
-class PointMAE(MaskedAutoencoder):
-    def __init__(self, point_dim: int, group_size: int, config: ModelConfig = ModelConfig(),
-                 occupancy_grid: int = 0, embed_hidden: int = 256):
-        cfg = config.resolved()
-        adapter = PointInputAdapter(point_dim, group_size, cfg.width, cfg.position, embed_hidden)
-        super().__init__(point_dim * group_size, 3, config, input_adapter=adapter)
-        self.point_dim, self.group_size, self.occupancy_grid = point_dim, group_size, occupancy_grid
-        self.occupancy_head = nn.Linear(cfg.decoder_width, occupancy_grid ** 3) if occupancy_grid else None
-        if self.occupancy_head is not None:
-            self._init_weights(self.occupancy_head)
+class PointDecoder(TransformerDecoder):
+    """The shared transformer decoder; its output adds `points` (the prediction viewed as
+    [B, G, k, D] points) and, with `occupancy_grid` > 0, `occupancy` logits [B, G, grid^3]
+    from a second head on the decoder features (R-MAE)."""
 
-    def forward(self, values: Tensor, coords: Tensor, mask: Mask, valid: Tensor | None = None) -> dict[str, Tensor]:
-        ids_keep = mask.ids_keep
-        visible_valid = None if valid is None else torch.gather(valid, 1, ids_keep)
-        latent = self.encode(gather_tokens(values, ids_keep), gather_tokens(coords, ids_keep), visible_valid)
-        features = self.decode_features(latent, mask, coords, valid)
+    def __init__(self, encoder_width: int, point_dim: int, group_size: int, cfg: ModelConfig, dec: DecoderConfig,
+                 occupancy_grid: int = 0):
+        super().__init__(encoder_width, point_dim * group_size, 3, cfg, dec)
+        self.point_dim, self.group_size = point_dim, group_size
+        width = self.head.in_features
+        self.occupancy_head = nn.Linear(width, occupancy_grid ** 3) if occupancy_grid else None
+
+    def forward(self, latent, prefix, batch, stream, taps):
+        features = self.features(latent, prefix, batch, stream)
         pred = self.head(features)
-        out = {"pred": pred, "latent": latent,
-               "points": pred.reshape(*pred.shape[:2], self.group_size, self.point_dim)}
+        out = {"pred": pred, "points": pred.reshape(*pred.shape[:2], self.group_size, self.point_dim)}
         if self.occupancy_head is not None:
             out["occupancy"] = self.occupancy_head(features)
         return out

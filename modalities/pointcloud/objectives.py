@@ -18,7 +18,9 @@ occupancy  R-MAE's range-aware target: for every hidden group, which cells of a
 
 The model's output carries `points` [B, G, k, D] (the prediction as points)
 so the terms know the group size and point width; a plain `pred` is read as
-xyz-only points (`point_dim` = 3).
+xyz-only points (`point_dim` = 3). Terms score the stream's target groups
+(`Batch.target_weights`: hidden, decoded and real), gathered so each row's
+come first.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymae.shared.errors import ConfigError
+from polymae.shared.objectives import Objective, weighted_mean
 from polymae.shared.registry import OBJECTIVES
-from polymae.shared.tokens import Batch
 
 
 def chamfer_distance(a: Tensor, b: Tensor, squared: bool = True) -> Tensor:
@@ -40,9 +42,9 @@ def chamfer_distance(a: Tensor, b: Tensor, squared: bool = True) -> Tensor:
     return d.min(-1).values.mean(-1) + d.min(-2).values.mean(-1)
 
 
-def as_points(out: dict, batch: Batch, point_dim: int = 3) -> tuple[Tensor, Tensor]:
-    """(predicted, true) points [B, G, k, D] in float32."""
-    values = batch.tokens.values.float()
+def as_points(out: dict, values: Tensor, point_dim: int = 3) -> tuple[Tensor, Tensor]:
+    """(predicted, true) points [B, G, k, D] in float32 from a stream's decoder output and values."""
+    values = values.float()
     b, g, width = values.shape
     if "points" in out:
         pred = out["points"].float()
@@ -55,37 +57,34 @@ def as_points(out: dict, batch: Batch, point_dim: int = 3) -> tuple[Tensor, Tens
     return pred, values.reshape(b, g, k, d)
 
 
-def hidden_only(x: Tensor, batch: Batch) -> Tensor:
-    """[B, G, ...] -> [B, H, ...] at the hidden groups."""
-    ids = batch.mask.ids_hidden
-    return torch.gather(x, 1, ids.view(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
-
-
-def hidden_valid(batch: Batch) -> Tensor:
-    ids = batch.mask.ids_hidden
-    if batch.tokens.valid is None:
-        return torch.ones(ids.shape, device=ids.device)
-    return torch.gather(batch.tokens.valid, 1, ids).float()
-
-
-def weighted_mean(per_group: Tensor, weights: Tensor) -> Tensor:
-    return (per_group * weights).sum() / weights.sum().clamp_min(1.0)
+def target_groups(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, G, ...] -> [B, H, ...] at the stream's target groups (hidden, decoded, real), with
+    their weights [B, H]: H is the most any row has; rows with fewer carry weight 0 on the rest."""
+    count = int(weights.sum(1).max()) if weights.numel() else 0
+    order = torch.argsort(-weights, dim=1, stable=True)[:, :count]  # a row's targets first, in group order
+    picked = torch.gather(x, 1, order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+    return picked, torch.gather(weights, 1, order)
 
 
 @OBJECTIVES.register("chamfer")
-def chamfer_loss(out: dict, batch: Batch, squared: bool = True, feature_weight: float = 0.0,
-                 point_dim: int = 3) -> Tensor:
-    pred, true = as_points(out, batch, point_dim)
-    pred, true = hidden_only(pred, batch), hidden_only(true, batch)
-    weights = hidden_valid(batch)
-    loss = weighted_mean(chamfer_distance(pred[..., :3], true[..., :3], squared), weights)
-    if feature_weight and pred.shape[-1] > 3:
-        d = (pred[..., :3].unsqueeze(-2) - true[..., :3].unsqueeze(-3)).pow(2).sum(-1)
-        nearest = d.argmin(-1)  # [B, H, k]: the true point nearest each predicted point
-        target = torch.gather(true[..., 3:], 2, nearest.unsqueeze(-1).expand(-1, -1, -1, true.shape[-1] - 3))
-        feature_error = (pred[..., 3:] - target).pow(2).mean((-1, -2))
-        loss = loss + feature_weight * weighted_mean(feature_error, weights)
-    return loss
+class ChamferLoss(Objective):
+    def __init__(self, stream: str, squared: bool = True, feature_weight: float = 0.0, point_dim: int = 3):
+        super().__init__(stream)
+        self.squared, self.feature_weight, self.point_dim = squared, feature_weight, point_dim
+
+    def forward(self, outputs, batch):
+        pred, true = as_points(outputs.streams[self.stream], batch.streams[self.stream].values, self.point_dim)
+        weights = batch.target_weights(self.stream)
+        pred, _ = target_groups(pred, weights)
+        true, weights = target_groups(true, weights)
+        loss = weighted_mean(chamfer_distance(pred[..., :3], true[..., :3], self.squared), weights)
+        if self.feature_weight and pred.shape[-1] > 3:
+            d = (pred[..., :3].unsqueeze(-2) - true[..., :3].unsqueeze(-3)).pow(2).sum(-1)
+            nearest = d.argmin(-1)  # [B, H, k]: the true point nearest each predicted point
+            target = torch.gather(true[..., 3:], 2, nearest.unsqueeze(-1).expand(-1, -1, -1, true.shape[-1] - 3))
+            feature_error = (pred[..., 3:] - target).pow(2).mean((-1, -2))
+            loss = loss + self.feature_weight * weighted_mean(feature_error, weights)
+        return loss
 
 
 def occupancy_target(xyz: Tensor, grid: int) -> Tensor:
@@ -99,15 +98,23 @@ def occupancy_target(xyz: Tensor, grid: int) -> Tensor:
 
 
 @OBJECTIVES.register("occupancy")
-def occupancy_loss(out: dict, batch: Batch, pos_weight: float | None = None) -> Tensor:
-    if "occupancy" not in out:
-        raise ConfigError("objective.occupancy needs the model's occupancy head: set "
-                          "modality_options.occupancy_grid (e.g. 4) for a point-cloud modality")
-    logits = out["occupancy"].float()
-    grid = round(logits.shape[-1] ** (1 / 3))
-    _, true = as_points(out, batch)
-    target = occupancy_target(hidden_only(true, batch)[..., :3], grid)
-    weight = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
-    per_group = F.binary_cross_entropy_with_logits(hidden_only(logits, batch), target, reduction="none",
-                                                   pos_weight=weight).mean(-1)
-    return weighted_mean(per_group, hidden_valid(batch))
+class OccupancyLoss(Objective):
+    def __init__(self, stream: str, pos_weight: float | None = None):
+        super().__init__(stream)
+        self.pos_weight = pos_weight
+
+    def forward(self, outputs, batch):
+        out = outputs.streams[self.stream]
+        if "occupancy" not in out:
+            raise ConfigError("objective.occupancy needs the model's occupancy head: set "
+                              "modality_options.occupancy_grid (e.g. 4) for a point-cloud modality")
+        logits = out["occupancy"].float()
+        grid = round(logits.shape[-1] ** (1 / 3))
+        _, true = as_points(out, batch.streams[self.stream].values)
+        weights = batch.target_weights(self.stream)
+        logits, _ = target_groups(logits, weights)
+        true, weights = target_groups(true, weights)
+        target = occupancy_target(true[..., :3], grid)
+        weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        per_group = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=weight).mean(-1)
+        return weighted_mean(per_group, weights)

@@ -47,8 +47,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans  # noqa: F401
 from polymae.shared.errors import BadInput
-from polymae.shared.packaged_data import LASPY_VERSION, ScanFetchError, fetch_laspy_test_scans  # noqa: F401
+from polymae.shared.packaged_data import PackagedDataError
 
 GRID_SUFFIXES = {".npz": "grid.npz", ".npy": "grid.npy"}
 CLOUD_SUFFIXES = (".ply", ".pcd", ".las", ".laz")
@@ -368,7 +369,7 @@ def read_mni152(crop: int = MNI_CROP) -> list[dict]:
 def laspy_scans(cache_dir: str | Path | None = None) -> list[Path]:
     try:
         folder = fetch_laspy_test_scans(cache_dir)
-    except ScanFetchError as error:
+    except PackagedDataError as error:
         raise BadInput("laspy-lidar", f"cannot fetch laspy's test scans: {error}", "missing_source") from None
     return [folder / name for name in LASPY_SCANS if (folder / name).is_file()]
 

@@ -22,7 +22,7 @@ fit (too few patches of the other class to absorb the rest) it is moved as
 little as needed to keep the total exact. Which patches of a class are hidden
 is uniformly random.
 
-Occupancy comes from `Tokens.foreground` (the voxel tokenizer sets it: a
+Occupancy comes from `Tokens.fields["foreground"]` (the voxel tokenizer sets it: a
 patch is occupied when a voxel's density exceeds the modality's
 `occupancy_threshold`). For tokens without it, pass `channels` and
 `density_channel` (and `threshold`) and the masker computes it from the values.
@@ -62,11 +62,11 @@ class VoxelAwareMasker(Masker):
         self.channels, self.density_channel, self.threshold = channels, density_channel, threshold
 
     def occupancy(self, tokens: Tokens) -> Tensor:
-        if tokens.foreground is not None:
-            return tokens.foreground.bool()
+        if "foreground" in tokens.fields:
+            return tokens.fields["foreground"].bool()
         if self.channels is None:
             raise ValueError("the voxel_aware masker needs per-patch occupancy: tokens from the voxel modality carry "
-                             "it (Tokens.foreground); for other tokens set mask.options.channels (and "
+                             "it (Tokens.fields['foreground']); for other tokens set mask.options.channels (and "
                              "density_channel, threshold)")
         return patch_occupancy(tokens.values, self.channels, self.density_channel, self.threshold)
 

@@ -9,17 +9,17 @@ from PIL import Image
 
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
-from polymae.shared.model import MaskedAutoencoder, ModelConfig
+from polymae.shared.model import DecoderConfig, ModelConfig
 from polymae.shared.registry import MODALITIES
-from polymae.shared.tokens import Mask, Tokens
+from polymae.shared.tokens import Tokens
 
 from . import adapters
 from . import masking as _masking  # noqa: F401  (registers "voxel_aware")
 from . import objectives as _objectives  # noqa: F401  (registers "radiance")
+from . import sparse as _sparse  # noqa: F401  (registers the "sparse_cnn" encoder; spconv loads on first use)
 from .render import render_rows
 from .tokenizer import patch_grid, patch_occupancy, patchify_3d, unpatchify_3d
 
-ENCODERS = ("vit", "sparse")
 
 
 @dataclass
@@ -30,7 +30,6 @@ class VoxelOptions:
     channels: int = 4                    # per voxel: RGB + density (4), density only (1), or any C
     density_channel: int = -1            # which channel is density (-1: the last)
     occupancy_threshold: float = 0.0     # a patch is occupied when a voxel's density exceeds this
-    encoder: str = "vit"                 # vit (MAE ViT on visible patches) | sparse (SparK sparse CNN)
     flip: bool = True                    # random flips along x and y when training
     voxel_size: float | None = None      # point clouds: voxel edge in scan units (None: from the point spacing)
     min_points: int = 64                 # point clouds: tiles with fewer points are left out (and counted)
@@ -49,8 +48,6 @@ class VoxelOptions:
             raise ConfigError(f"modality_options.density_channel {self.density_channel} is not one of the "
                               f"{self.channels} channels")
         self.density_channel %= self.channels
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"modality_options.encoder must be one of {', '.join(ENCODERS)}; got {self.encoder!r}")
         if self.voxel_size is not None and self.voxel_size <= 0:
             raise ConfigError(f"modality_options.voxel_size must be positive, got {self.voxel_size}")
 
@@ -118,7 +115,7 @@ class VoxelModality(Modality):
             if flips:
                 grid = grid.flip(flips)
         tokens = patchify_3d(grid.contiguous(), self.options.patch_size)
-        tokens.foreground = self.occupancy(tokens.values)
+        tokens.fields["foreground"] = self.occupancy(tokens.values)
         return tokens
 
     def occupancy(self, values: torch.Tensor) -> torch.Tensor:
@@ -142,24 +139,24 @@ class VoxelModality(Modality):
         return patch_grid(self.options.grid_size, self.options.patch_size)
 
     # -- model --------------------------------------------------------------
-    def build_model(self, config: ModelConfig):
-        if self.options.encoder == "sparse":
-            from .sparse import SparseMaskedAutoencoder
+    def input_adapter(self, width: int, config: ModelConfig):
+        if config.position == "sincos" and width % 6:
+            raise ConfigError(f"model.width {width} must be a multiple of 6 for a 3D sin-cos position encoding "
+                              "(two even parts per axis), e.g. 96, 192 or 384")
+        return super().input_adapter(width, config)
 
-            return SparseMaskedAutoencoder(self.d_in, self.grid, config)
-        resolved = config.resolved()
-        if config.position == "sincos":
-            for name, width in (("width", resolved.width), ("decoder_width", resolved.decoder_width)):
-                if width % 6:
-                    raise ConfigError(f"model.{name} {width} must be a multiple of 6 for a 3D sin-cos position "
-                                      "encoding (two even parts per axis), e.g. 96, 192 or 384")
-        return MaskedAutoencoder(self.d_in, self.num_coords, config, grid=self.grid)
+    def decoder(self, decoder: DecoderConfig, encoder_width: int, config: ModelConfig):
+        width = decoder.width or config.decoder_width
+        if config.position == "sincos" and width % 6:
+            raise ConfigError(f"model.decoder_width {width} must be a multiple of 6 for a 3D sin-cos position "
+                              "encoding (two even parts per axis), e.g. 96, 192 or 384")
+        return super().decoder(decoder, encoder_width, config)
 
     # -- pictures ---------------------------------------------------------------
-    def render(self, tokens: Tokens, mask: Mask, pred: torch.Tensor, rows: int = 8) -> Image.Image:
+    def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:
         """Rows of original | masked (hidden patches removed) | reconstruction (visible patches pasted back),
         each as three views of the grid (along z, y and x)."""
-        values, hidden = tokens.values[:rows].float(), mask.hidden[:rows].unsqueeze(-1)
+        values, hidden = tokens.values[:rows].float(), hidden[:rows].unsqueeze(-1)
         pred = pred[:rows].float()
         panels = [values, torch.where(hidden, torch.zeros_like(values), values), torch.where(hidden, pred, values)]
         grids = [self.untokenize(Tokens(p, tokens.coords[:rows], grid=tokens.grid)).numpy() for p in panels]

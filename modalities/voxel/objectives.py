@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polymae.shared.objectives import hidden_weights
+from polymae.shared.objectives import Objective, weighted_mean
 from polymae.shared.registry import OBJECTIVES
-from polymae.shared.tokens import Batch
 
 ALPHAS = ("opacity", "density", "none")
 
@@ -59,10 +58,18 @@ def radiance_terms(pred: Tensor, target: Tensor, channels: int, density_channel:
 
 
 @OBJECTIVES.register("radiance")
-def radiance_loss(out: dict, batch: Batch, channels: int = 4, density_channel: int = -1, alpha: str = "opacity",
-                  step: float = 1.0, colour_weight: float = 1.0, density_weight: float = 1.0) -> Tensor:
-    colour, density = radiance_terms(out["pred"].float(), batch.tokens.values.float(), channels, density_channel,
-                                     alpha, step)
-    per_token = colour_weight * colour + density_weight * density
-    weights = hidden_weights(batch)
-    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+class RadianceLoss(Objective):
+    def __init__(self, stream: str, channels: int = 4, density_channel: int = -1, alpha: str = "opacity",
+                 step: float = 1.0, colour_weight: float = 1.0, density_weight: float = 1.0):
+        super().__init__(stream)
+        if alpha not in ALPHAS:
+            raise ValueError(f"radiance alpha must be one of {', '.join(ALPHAS)}; got {alpha!r}")
+        self.channels, self.density_channel, self.alpha, self.step = channels, density_channel, alpha, step
+        self.colour_weight, self.density_weight = colour_weight, density_weight
+
+    def forward(self, outputs, batch):
+        colour, density = radiance_terms(outputs.pred(self.stream).float(),
+                                         batch.streams[self.stream].values.float(), self.channels,
+                                         self.density_channel, self.alpha, self.step)
+        per_token = self.colour_weight * colour + self.density_weight * density
+        return weighted_mean(per_token, batch.target_weights(self.stream))

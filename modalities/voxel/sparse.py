@@ -15,9 +15,9 @@ climbs the hierarchy back to the patch grid and predicts every patch's values.
       -> dense decoder: scale 2 -> upsample x2 -> + scale 1 -> Conv3d blocks -> 1x1 head
       -> pred [B, N, d_in] at every patch
 
-It has MaskedAutoencoder's interface (`forward(values, coords, mask, valid)`
--> {"pred", "latent"}, `features`), so the shared trainer, objectives and
-pipelines train it unchanged. Sizes come from ModelConfig: `width` channels
+It follows the model protocol (`model(batch) -> Outputs`, `features(batch)`)
+and is built by `model.encoder: sparse_cnn` (the ENCODERS registry), so the
+shared trainer, objectives and pipelines train it unchanged. Sizes come from ModelConfig: `width` channels
 at scale 1 (2 x width at scale 2), `depth` SubM blocks split over the two
 scales, `decoder_width` and `decoder_depth` for the dense decoder.
 
@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymae.shared.model import ModelConfig, gather_tokens
-from polymae.shared.tokens import Mask
+from polymae.shared.errors import ConfigError
+from polymae.shared.model import ModelConfig, Outputs, gather_tokens
+from polymae.shared.registry import ENCODERS
+from polymae.shared.tokens import Batch, Mask
 
 
 def import_spconv():
@@ -173,9 +175,11 @@ def upsample2(x: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 class SparseMaskedAutoencoder(nn.Module):
-    def __init__(self, d_in: int, grid: tuple[int, int, int], config: ModelConfig = ModelConfig()):
+    def __init__(self, d_in: int, grid: tuple[int, int, int], config: ModelConfig = ModelConfig(),
+                 stream: str = "voxel"):
         super().__init__()
         self.config = cfg = config.resolved()
+        self.stream = stream
         self.d_in, self.grid = d_in, tuple(int(g) for g in grid)
         self.coarse_grid = coarse_shape(self.grid)
         width, wide, decoder = cfg.width, 2 * cfg.width, cfg.decoder_width
@@ -231,14 +235,28 @@ class SparseMaskedAutoencoder(nn.Module):
         y = y.replace_feature(self.norm2(y.features))
         return x, y
 
-    # -- the MAE interface -------------------------------------------------------
-    def forward(self, values: Tensor, coords: Tensor, mask: Mask, valid: Tensor | None = None) -> dict[str, Tensor]:
+    # -- the model protocol ------------------------------------------------------
+    def forward(self, batch: Batch) -> Outputs:
+        tokens = batch.tokens
+        pred, latent = self.reconstruct(tokens.values, tokens.coords, batch.mask, tokens.valid)
+        return Outputs({self.stream: {"pred": pred}}, latent)
+
+    @torch.no_grad()
+    def features(self, batch: Batch) -> Tensor:
+        tokens = batch.tokens
+        return self.pooled_features(tokens.values, tokens.coords, tokens.valid)
+
+    def reconstruct(self, values: Tensor, coords: Tensor, mask: Mask,
+                    valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(pred [B, N, d_in] at every patch, scale-1 encodings of the visible patches)."""
         with torch.autocast(values.device.type, enabled=False):
             values = values.float()
             b = values.shape[0]
             ids_keep = mask.ids_keep
             visible_coords = gather_tokens(coords, ids_keep)
             visible_valid = None if valid is None else torch.gather(valid, 1, ids_keep)
+            if mask.keep_valid is not None:
+                visible_valid = mask.keep_valid if visible_valid is None else visible_valid & mask.keep_valid
             x, y = self.encode_sparse(gather_tokens(values, ids_keep), visible_coords, visible_valid)
             dense1, _ = densify(x.features, x.indices, self.grid, b, self.mask_token1)
             dense2, _ = densify(y.features, y.indices, self.coarse_grid, b, self.mask_token2)
@@ -248,10 +266,10 @@ class SparseMaskedAutoencoder(nn.Module):
             pred = gather_tokens(out, self.linear_index(coords))          # in the tokens' order
             flat1 = dense1.flatten(2).transpose(1, 2)
             latent = gather_tokens(flat1, self.linear_index(visible_coords))  # scale-1 encodings of visible tokens
-        return {"pred": pred, "latent": latent}
+        return pred, latent
 
     @torch.no_grad()
-    def features(self, values: Tensor, coords: Tensor, valid: Tensor | None = None) -> Tensor:
+    def pooled_features(self, values: Tensor, coords: Tensor, valid: Tensor | None = None) -> Tensor:
         """One vector per sample: the mean scale-2 encoding with every patch visible (for probing)."""
         with torch.autocast(values.device.type, enabled=False):
             b = values.shape[0]
@@ -260,3 +278,15 @@ class SparseMaskedAutoencoder(nn.Module):
             sums = torch.zeros(b, y.features.shape[1], device=values.device).index_add_(0, batch, y.features)
             counts = torch.bincount(batch, minlength=b).clamp_min(1).unsqueeze(1)
             return sums / counts
+
+
+@ENCODERS.register("sparse_cnn")
+def build_sparse_mae(modalities: dict, decoders: dict, config: ModelConfig, taps: tuple[int, ...] = ()):
+    """`model.encoder: sparse_cnn`: SparK's sparse CNN and dense decoder on one voxel stream."""
+    if len(modalities) != 1 or next(iter(modalities.values())).name != "voxel":
+        raise ConfigError("model.encoder=sparse_cnn encodes one voxel stream; this recipe's streams are "
+                          f"{ {name: m.name for name, m in modalities.items()} }")
+    if taps:
+        raise ConfigError("model.encoder=sparse_cnn has no transformer layers for heads or objectives to read")
+    (stream, modality), = modalities.items()
+    return SparseMaskedAutoencoder(modality.d_in, modality.grid, config, stream)

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .model import MaskedAutoencoder, ModelConfig
-from .position import LearnedPosition, SinCosPosition
+from polymae.shared.errors import ConfigError
+from polymae.shared.model import DecoderConfig, MaskedAutoencoder, ModelConfig, build_vit_mae
+from polymae.shared.position import LearnedPosition, SinCosPosition
+from polymae.shared.tokens import Mask
 
 # polymae block key suffix -> HF layer key suffix (one-to-one renames; qkv is split separately)
 _BLOCK_RENAMES = {
@@ -49,6 +50,12 @@ _BLOCK_RENAMES = {
     "mlp.0.weight": "mlp.fc1.weight", "mlp.0.bias": "mlp.fc1.bias",
     "mlp.2.weight": "mlp.fc2.weight", "mlp.2.bias": "mlp.fc2.bias",
 }
+
+
+# polymae decoder key suffix -> HF decoder key suffix
+DECODER_RENAMES = {"embed.weight": "decoder_embed.weight", "embed.bias": "decoder_embed.bias",
+                   "norm.weight": "decoder_norm.weight", "norm.bias": "decoder_norm.bias",
+                   "mask_token": "mask_token", "head.weight": "decoder_pred.weight", "head.bias": "decoder_pred.bias"}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -68,8 +75,25 @@ def _mlp_ratio(hidden: int, width: int, where: str) -> float:
     return ratio
 
 
+def stream_of(model: MaskedAutoencoder) -> str:
+    """The one (image) stream of a model that ViTMAE can describe."""
+    if len(model.streams) != 1:
+        raise ValueError(f"HF ViTMAE has one image stream; this model has {model.streams}")
+    return model.streams[0]
+
+
+def image_mae(d_in: int, grid: tuple[int, int], config: ModelConfig, stream: str = "image") -> MaskedAutoencoder:
+    """A one-stream image MAE for `grid` = (w, h) extents of the (x, y) coords and tokens of `d_in` values."""
+    from .modality import ImageModality
+
+    p, c = infer_patch(d_in)
+    w, h = grid
+    modality = ImageModality({"image_size": (h * p, w * p), "patch_size": p, "channels": c})
+    return build_vit_mae({stream: modality}, {stream: DecoderConfig()}, config)
+
+
 def model_kwargs_from_hf(hf_config: Any) -> dict:
-    """ViTMAEConfig -> keyword arguments of `MaskedAutoencoder` (d_in, num_coords, config, grid)."""
+    """ViTMAEConfig -> keyword arguments of `image_mae` (d_in, config, grid)."""
     c = hf_config
     if getattr(c, "hidden_act", "gelu") != "gelu":
         raise ValueError(f"polymae blocks use exact GELU; the HF config has hidden_act={c.hidden_act!r}")
@@ -85,7 +109,7 @@ def model_kwargs_from_hf(hf_config: Any) -> dict:
         decoder_mlp_ratio=_mlp_ratio(c.decoder_intermediate_size, c.decoder_hidden_size, "decoder_intermediate_size"),
         position="sincos", cls_token=True, layer_norm_eps=c.layer_norm_eps)
     # the model's grid is the extent of each coord: (x, y) runs over (w, h)
-    return {"d_in": patch[0] * patch[1] * c.num_channels, "num_coords": 2, "config": config, "grid": grid[::-1]}
+    return {"d_in": patch[0] * patch[1] * c.num_channels, "config": config, "grid": grid[::-1]}
 
 
 def _table_kind(table: Tensor, grid: tuple[int, int]) -> str:
@@ -101,8 +125,12 @@ def _learned_rows(position: nn.Module, grid: tuple[int, int]) -> Tensor:
 
 
 def token_grid(model: MaskedAutoencoder) -> tuple[int, int]:
-    """(h, w) of an image model, whose `grid` holds the extents of its (x, y) coords."""
-    return tuple(model.grid[::-1])
+    """(h, w) of an image model, whose input adapter's `grid` holds the extents of its (x, y) coords."""
+    return tuple(model.input_adapters[stream_of(model)].grid[::-1])
+
+
+def token_width(model: MaskedAutoencoder) -> int:
+    return model.decoders[stream_of(model)].head.out_features
 
 
 def _state_dict_of(hf_model_or_state_dict) -> dict[str, Tensor]:
@@ -143,10 +171,10 @@ def from_hf_vitmae(hf_model_or_state_dict, hf_config: Any = None, *, kwargs_only
     kwargs["config"] = ModelConfig(**{**config.__dict__, "position": encoder_kind, **overrides})
     if kwargs_only:
         return kwargs
-    model = MaskedAutoencoder(**kwargs)
+    model = image_mae(**kwargs)
     if decoder_kind != encoder_kind:  # the config has one `position`; the decoder's table can differ
-        model.decoder_position = (LearnedPosition(config.decoder_width, kwargs["grid"]) if decoder_kind == "learned"
-                                  else SinCosPosition(config.decoder_width, 2))
+        model.decoders["image"].position = (LearnedPosition(config.decoder_width, kwargs["grid"])
+                                            if decoder_kind == "learned" else SinCosPosition(config.decoder_width, 2))
     model.load_state_dict(state_dict_from_hf(hf, model), strict=has_decoder)
     return model
 
@@ -155,29 +183,29 @@ def state_dict_from_hf(hf: dict[str, Tensor], model: MaskedAutoencoder) -> dict[
     """HF ViTMAEForPreTraining keys -> polymae keys for `model` (built by `from_hf_vitmae`)."""
     out: dict[str, Tensor] = {}
     grid = token_grid(model)
+    s = stream_of(model)
+    adapter, decoder = model.input_adapters[s], model.decoders[s]
     conv = hf["vit.embeddings.patch_embeddings.projection.weight"]              # [D, C, p, p]
-    out["input_adapter.embed.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1).clone()
-    out["input_adapter.embed.bias"] = hf["vit.embeddings.patch_embeddings.projection.bias"].clone()
+    out[f"input_adapters.{s}.embed.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1).clone()
+    out[f"input_adapters.{s}.embed.bias"] = hf["vit.embeddings.patch_embeddings.projection.bias"].clone()
     pos = hf["vit.embeddings.position_embeddings"][0]
-    out["cls_token"] = (hf["vit.embeddings.cls_token"] + pos[0]).clone()
-    if isinstance(model.input_adapter.position, LearnedPosition):
-        table = torch.zeros_like(model.input_adapter.position.table)
-        table[_learned_rows(model.input_adapter.position, grid)] = pos[1:]
-        out["input_adapter.position.table"] = table
-    out.update(_blocks_from_hf(hf, "vit.layers", "blocks", model.config.depth))
-    out["norm.weight"], out["norm.bias"] = hf["vit.layernorm.weight"].clone(), hf["vit.layernorm.bias"].clone()
+    out["encoder.cls_token"] = (hf["vit.embeddings.cls_token"] + pos[0]).clone()
+    if isinstance(adapter.position, LearnedPosition):
+        table = torch.zeros_like(adapter.position.table)
+        table[_learned_rows(adapter.position, grid)] = pos[1:]
+        out[f"input_adapters.{s}.position.table"] = table
+    out.update(_blocks_from_hf(hf, "vit.layers", "encoder.blocks", model.config.depth))
+    out["encoder.norm.weight"] = hf["vit.layernorm.weight"].clone()
+    out["encoder.norm.bias"] = hf["vit.layernorm.bias"].clone()
     if "decoder.decoder_embed.weight" not in hf:
         return out
-    for name in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias",
-                 "mask_token"):
-        out[name] = hf[f"decoder.{name}"].clone()
-    out["head.weight"] = hf["decoder.decoder_pred.weight"].clone()
-    out["head.bias"] = hf["decoder.decoder_pred.bias"].clone()
-    if isinstance(model.decoder_position, LearnedPosition):
-        table = torch.zeros_like(model.decoder_position.table)
-        table[_learned_rows(model.decoder_position, grid)] = hf["decoder.decoder_pos_embed"][0, 1:]
-        out["decoder_position.table"] = table
-    out.update(_blocks_from_hf(hf, "decoder.decoder_layers", "decoder_blocks", model.config.decoder_depth))
+    for ours, theirs in DECODER_RENAMES.items():
+        out[f"decoders.{s}.{ours}"] = hf[f"decoder.{theirs}"].clone()
+    if isinstance(decoder.position, LearnedPosition):
+        table = torch.zeros_like(decoder.position.table)
+        table[_learned_rows(decoder.position, grid)] = hf["decoder.decoder_pos_embed"][0, 1:]
+        out[f"decoders.{s}.position.table"] = table
+    out.update(_blocks_from_hf(hf, "decoder.decoder_layers", f"decoders.{s}.blocks", model.config.decoder_depth))
     return out
 
 
@@ -218,14 +246,16 @@ def infer_patch(d_in: int, channels: int | None = None) -> tuple[int, int]:
 
 
 def _check_exportable(model: MaskedAutoencoder) -> None:
-    if model.cls_token is None:
+    s = stream_of(model)
+    adapter = model.input_adapters[s]
+    if getattr(model.encoder, "cls_token", None) is None:
         raise ValueError("HF ViTMAE has a cls token; this polymae model was built with cls_token=False")
-    if model.grid is None or len(model.grid) != 2:
-        raise ValueError("export needs the model's 2D token grid (build it with grid=(h, w))")
-    if not isinstance(model.input_adapter.embed, nn.Linear):
+    if adapter.grid is None or len(adapter.grid) != 2:
+        raise ValueError("export needs the model's 2D token grid (an image stream's)")
+    if not isinstance(adapter.embed, nn.Linear):
         raise ValueError("export needs a Linear token embedding (the image input adapter's)")
-    for name in ("blocks", "decoder_blocks"):
-        if len({tuple(b.mlp[0].weight.shape) for b in getattr(model, name)}) > 1:
+    for name, blocks in (("the encoder", model.encoder.blocks), ("the decoder", model.decoders[s].blocks)):
+        if len({tuple(b.mlp[0].weight.shape) for b in blocks}) > 1:
             raise ValueError(f"HF ViTMAE needs one MLP width across {name}")
 
 
@@ -238,30 +268,29 @@ def to_hf_vitmae(model: MaskedAutoencoder, *, encoder_only: bool = False, patch_
     encoding exports; HF uses them as a fixed table.
     """
     _check_exportable(model)
-    p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
+    s = stream_of(model)
+    p, c = (patch_size, channels) if patch_size and channels else infer_patch(token_width(model), channels)
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     coords = grid_coords(token_grid(model))
     out: dict[str, Tensor] = {}
-    weight = ours["input_adapter.embed.weight"]
+    weight = ours[f"input_adapters.{s}.embed.weight"]
     out["vit.embeddings.patch_embeddings.projection.weight"] = (
         weight.reshape(weight.shape[0], p, p, c).permute(0, 3, 1, 2).contiguous())
-    out["vit.embeddings.patch_embeddings.projection.bias"] = ours["input_adapter.embed.bias"].clone()
-    out["vit.embeddings.cls_token"] = ours["cls_token"].clone()
+    out["vit.embeddings.patch_embeddings.projection.bias"] = ours[f"input_adapters.{s}.embed.bias"].clone()
+    out["vit.embeddings.cls_token"] = ours["encoder.cls_token"].clone()
     with torch.no_grad():
-        enc = model.input_adapter.position(coords).float()
+        enc = model.input_adapters[s].position(coords).float()
         out["vit.embeddings.position_embeddings"] = torch.cat([enc.new_zeros(1, enc.shape[-1]), enc])[None]
-        dec = model.decoder_position(coords).float()
-    out.update(_blocks_to_hf(ours, "blocks", "vit.layers", model.config.depth))
-    out["vit.layernorm.weight"], out["vit.layernorm.bias"] = ours["norm.weight"].clone(), ours["norm.bias"].clone()
+        dec = model.decoders[s].position(coords).float()
+    out.update(_blocks_to_hf(ours, "encoder.blocks", "vit.layers", model.config.depth))
+    out["vit.layernorm.weight"] = ours["encoder.norm.weight"].clone()
+    out["vit.layernorm.bias"] = ours["encoder.norm.bias"].clone()
     if encoder_only:
         return {k[len("vit."):]: v for k, v in out.items()}
-    for name in ("decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight", "decoder_norm.bias",
-                 "mask_token"):
-        out[f"decoder.{name}"] = ours[name].clone()
+    for mine, theirs in DECODER_RENAMES.items():
+        out[f"decoder.{theirs}"] = ours[f"decoders.{s}.{mine}"].clone()
     out["decoder.decoder_pos_embed"] = torch.cat([dec.new_zeros(1, dec.shape[-1]), dec])[None]
-    out.update(_blocks_to_hf(ours, "decoder_blocks", "decoder.decoder_layers", model.config.decoder_depth))
-    out["decoder.decoder_pred.weight"] = ours["head.weight"].clone()
-    out["decoder.decoder_pred.bias"] = ours["head.bias"].clone()
+    out.update(_blocks_to_hf(ours, f"decoders.{s}.blocks", "decoder.decoder_layers", model.config.decoder_depth))
     return out
 
 
@@ -271,17 +300,19 @@ def hf_config_for(model: MaskedAutoencoder, patch_size: int | None = None, chann
     from transformers import ViTMAEConfig
 
     _check_exportable(model)
-    p, c = (patch_size, channels) if patch_size and channels else infer_patch(model.d_in, channels)
+    p, c = (patch_size, channels) if patch_size and channels else infer_patch(token_width(model), channels)
     h, w = token_grid(model)
+    decoder_blocks = model.decoders[stream_of(model)].blocks
     if h != w:
         raise ValueError(f"HF ViTMAE needs a square token grid; this model's is {h}x{w}")
     cfg = model.config
     return ViTMAEConfig(**{
         "hidden_size": cfg.width, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
-        "intermediate_size": model.blocks[0].mlp[0].out_features if cfg.depth else int(cfg.width * cfg.mlp_ratio),
+        "intermediate_size": (model.encoder.blocks[0].mlp[0].out_features if cfg.depth
+                              else int(cfg.width * cfg.mlp_ratio)),
         "decoder_hidden_size": cfg.decoder_width, "decoder_num_hidden_layers": cfg.decoder_depth,
         "decoder_num_attention_heads": cfg.decoder_heads,
-        "decoder_intermediate_size": (model.decoder_blocks[0].mlp[0].out_features if cfg.decoder_depth
+        "decoder_intermediate_size": (decoder_blocks[0].mlp[0].out_features if cfg.decoder_depth
                                       else int(cfg.decoder_width * cfg.decoder_mlp_ratio)),
         "layer_norm_eps": cfg.layer_norm_eps, "image_size": h * p, "patch_size": p, "num_channels": c,
         "hidden_act": "gelu", "qkv_bias": True, **overrides})
@@ -310,8 +341,6 @@ def fill_hf_sincos_tables(hf_model) -> None:
 
 def hf_noise_to_mask(noise: Tensor, mask_ratio: float):
     """The polymae Mask that HF's `random_masking(noise)` makes for `mask_ratio`."""
-    from .tokens import Mask
-
     n = noise.shape[-1]
     keep = int(n * (1 - mask_ratio))
     return Mask.from_scores(noise, n - keep)
@@ -320,8 +349,15 @@ def hf_noise_to_mask(noise: Tensor, mask_ratio: float):
 # -- checkpoint folders on disk ---------------------------------------------------------------------
 
 
-def is_hf_folder(folder: str | Path) -> bool:
-    return (Path(folder) / "config.json").is_file()
+def folder_model_type(folder: str | Path) -> str | None:
+    """The `model_type` of a local Hugging Face folder's config.json (None: not such a folder)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"{path}: not a valid Hugging Face config.json") from None
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], Any]:
@@ -358,7 +394,7 @@ def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
     if not any(k.startswith("decoder.") for k in hf):
         fields = fields[:4] + fields[-3:]   # an encoder-only ViTMAEModel says nothing of the decoder
     wrong = [f"model.{f}={getattr(want, f)}" for f in fields if getattr(want, f) != getattr(have, f)]
-    if expected["d_in"] != model.d_in or tuple(expected["grid"]) != tuple(model.grid or ()):
+    if expected["d_in"] != token_width(model) or tuple(expected["grid"]) != tuple(token_grid(model)[::-1]):
         h, w = expected["grid"][::-1]
         wrong.append(f"modality_options: {h}x{w} patches of {expected['d_in']} values "
                      f"(image_size {hf_config.image_size}, patch_size {hf_config.patch_size}, "
@@ -368,7 +404,7 @@ def load_hf_weights(model: MaskedAutoencoder, folder: str | Path) -> None:
                           f"set {', '.join(wrong)}")
     if "decoder.decoder_pos_embed" in hf:  # the recipe has one `position` for both tables
         kind = _table_kind(hf["decoder.decoder_pos_embed"][0, 1:], token_grid(model))
-        have_kind = "learned" if isinstance(model.decoder_position, LearnedPosition) else "sincos"
+        have_kind = "learned" if isinstance(model.decoders[stream_of(model)].position, LearnedPosition) else "sincos"
         if kind != have_kind:
             raise ConfigError(f"model.init_from {folder}: the checkpoint's decoder position table is {kind}, its "
                               f"encoder's is {want.position}; polymae recipes use one kind for both "
