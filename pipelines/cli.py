@@ -52,7 +52,7 @@ def cmd_probe(args) -> None:
     from .runs import load_run, split_shards
 
     parts, checkpoint = load_run(args.run)
-    train, val = split_shards(parts.config, parts.streams)
+    train, val = split_shards(parts.config, parts.modalities)
     if val is None:
         raise ConfigError("probing needs a labelled held-out split: set data.val_shards or data.val_fraction")
     print(f"probing {checkpoint}")

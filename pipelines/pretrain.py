@@ -13,8 +13,8 @@ from polymae.shared.config import Config, dump_config
 from polymae.shared.errors import ConfigError
 from polymae.shared.trainer import Trainer
 
-from .probe import format_probe, probe
-from .runs import build_parts, draw_streams, load_run, split_shards
+from .probe import format_heldout, format_probe, heldout_losses, probe
+from .runs import build_parts, draw_streams, load_run, prepare_modalities, split_shards, stream_modalities
 from .shards import manifest_counts
 from .stream import Loader, ShardStream
 
@@ -61,12 +61,14 @@ def pretrain(config: Config, resume: Path | None = None) -> dict:
 
 
 def run(config: Config, context: distributed.DistributedContext, resume: Path | None) -> dict:
-    parts = build_parts(config, start_weights=resume is None)  # a resumed run has its own weights
-    if context.is_main:  # shard once, before the others look for the shards
-        train_shards, val_shards = split_shards(config, parts.streams)
+    modalities = stream_modalities(config)
+    if context.is_main:  # shard once (and fit a tokenizer once), before the others look for the shards
+        train_shards, val_shards = split_shards(config, modalities)
+        prepare_modalities(config, modalities)
     distributed.barrier()
     if not context.is_main:
-        train_shards, val_shards = split_shards(config, parts.streams)
+        train_shards, val_shards = split_shards(config, modalities)
+    parts = build_parts(config, start_weights=resume is None, modalities=modalities)  # resumed: its own weights
     run_dir = Path(resume) if resume else Path(distributed.all_gather_objects(str(new_run_dir(config)))[0])
     data = config.data
     stream = ShardStream(train_shards, parts.streams, batch_size=data.batch_size, train=True,
@@ -97,7 +99,10 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s, final loss "
           f"{summary['final_loss']:.4f}; checkpoint and reconstruction.png in {run_dir}")
     if config.probe.enabled and val_shards:  # from the checkpoint: the same path for DDP, FSDP and one process
-        summary["probe"] = probe(load_run(run_dir)[0], train_shards, val_shards)
+        trained = load_run(run_dir)[0]
+        summary["heldout"] = heldout_losses(trained, train_shards, val_shards, context.device)
+        print(format_heldout(summary["heldout"]))
+        summary["probe"] = probe(trained, train_shards, val_shards)
         print(format_probe(summary["probe"]))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -99,6 +99,60 @@ def raw_name(parts: RunParts) -> str:
     return "bag_of_words" if all(spec.modality.vocab_size for spec in parts.streams) else "raw"
 
 
+@torch.no_grad()
+def heldout_losses(parts: RunParts, train_shards: list[str], val_shards: list[str], device: torch.device,
+                   max_batches: int = 50) -> dict[str, dict[str, float]]:
+    """Each loss term on held-out shards (masks drawn as in training, seeded: the same every
+    call), and, for terms that score sub-words, what a unigram model fitted on the train
+    shards' sub-word frequencies scores on the very same targets: the bar a masked or
+    causal LM must clear to have learnt anything beyond word frequencies."""
+    data = parts.config.data
+    budget = parts.config.budget
+
+    def batches(shards):
+        stream = ShardStream(shards, parts.streams, batch_size=data.batch_size, train=False, seed=data.seed,
+                             split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha)
+        for n, batch in enumerate(Loader(stream, data.num_workers, device=device)):
+            if n >= max_batches:
+                return
+            if len(batch):
+                yield batch
+
+    scoring = {name: term for name, term in parts.module.objective.terms.items() if hasattr(term, "scored")}
+    frequencies = {}
+    for batch in batches(train_shards) if scoring else ():
+        for name, term in scoring.items():
+            ids, weights = term.scored(batch)
+            vocab = parts.modalities[term.stream].vocab_size
+            counts = frequencies.setdefault(name, torch.ones(vocab))  # add-one smoothing
+            counts.index_add_(0, ids.flatten().cpu(), weights.flatten().cpu())
+    module = parts.module.to(device).eval()
+    sums, weights_seen, count = {}, {}, 0
+    for batch in batches(val_shards):
+        _, terms, _ = module(batch)
+        count += 1
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        for name, term in scoring.items():
+            ids, weights = term.scored(batch)
+            log_p = (frequencies[name] / frequencies[name].sum()).log()
+            unigram = -(log_p[ids.flatten().cpu()] * weights.flatten().cpu()).sum()
+            sums[f"{name}/unigram"] = sums.get(f"{name}/unigram", 0.0) + float(unigram)
+            weights_seen[name] = weights_seen.get(name, 0.0) + float(weights.sum())
+    results = {name: {"model": value / max(count, 1)} for name, value in sums.items() if "/" not in name}
+    for name, term in scoring.items():  # a term summing several cross-entropies (Starbucks) sums the baseline too
+        results[name]["unigram"] = getattr(term, "summands", 1) * sums[f"{name}/unigram"] / max(weights_seen[name], 1.0)
+    return results
+
+
+def format_heldout(results: dict) -> str:
+    lines = [f"{'held-out loss':<22}{'model':>9}{'unigram':>9}"]
+    for name, row in results.items():
+        unigram = f"{row['unigram']:>9.3f}" if "unigram" in row else f"{'-':>9}"
+        lines.append(f"{name:<22}{row['model']:>9.3f}{unigram}")
+    return "\n".join(lines)
+
+
 def format_probe(results: dict) -> str:
     first = next(iter(results.values()))
     lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {first['train_samples']}, "

@@ -12,7 +12,7 @@ from .stream import Loader, ShardStream
 @torch.no_grad()
 def reconstruct(run_or_checkpoint: str | Path, out: str | Path, rows: int = 8, seed: int = 0) -> Path:
     parts, checkpoint = load_run(run_or_checkpoint)
-    train_shards, val_shards = split_shards(parts.config, parts.streams)
+    train_shards, val_shards = split_shards(parts.config, parts.modalities)
     budget = parts.config.budget
     stream = ShardStream(val_shards or train_shards, parts.streams, batch_size=rows, train=False, seed=seed,
                          split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha)

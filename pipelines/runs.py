@@ -14,10 +14,11 @@ from polymae.shared.config import Config, build
 from polymae.shared.errors import ConfigError
 from polymae.shared.model import build_model
 from polymae.shared.objectives import LossTerms, Pretraining, layers_read
+from polymae.shared.modality import Modality
 from polymae.shared.registry import MODALITIES
 
 from .shards import resolve_shards, shard_source
-from .stream import StreamSpec
+from .stream import StreamSpec, read_shard
 
 
 @dataclass
@@ -51,11 +52,9 @@ class RunParts:
                    if options.get("stream", names[0] if len(names) == 1 else None) == stream)
 
 
-def build_parts(config: Config, start_weights: bool = True) -> RunParts:
-    """Each stream's modality and masker, the model and its loss terms: freshly initialised
-    (seeded by trainer.seed), then, with `start_weights`, loaded from `model.init_from` when
-    the recipe names weights to start from."""
-    streams = []
+def stream_modalities(config: Config) -> dict[str, Modality]:
+    """Each stream's modality, with its options checked (no model, no masker yet)."""
+    modalities = {}
     for name, stream in config.stream_configs().items():
         try:
             modality_class = MODALITIES.get(stream.modality)
@@ -63,15 +62,42 @@ def build_parts(config: Config, start_weights: bool = True) -> RunParts:
             raise ConfigError(f"{'modality' if not config.streams else f'streams.{name}.modality'}: "
                               f"{error.args[0]}") from None
         where = "modality_options" if not config.streams else f"streams.{name}.options"
-        modality = modality_class(stream.options, payload_keys=stream.keys, where=where)
-        masker = modality.masker(stream.mask.name, stream.mask.ratio, stream.mask.options)
-        streams.append(StreamSpec(name, modality, masker))
+        modalities[name] = modality_class(stream.options, payload_keys=stream.keys, where=where)
+    return modalities
+
+
+def prepare_modalities(config: Config, modalities: dict[str, Modality]) -> None:
+    """`Modality.prepare` on the train shards of a local shard folder (a tokenizer learnt once)."""
+    folder = Path(config.data.shards)
+    if not folder.is_dir() or not any(folder.glob("train-*.tar")):
+        return
+    shards = resolve_shards(folder, prefix="train")
+
+    def records():
+        for shard in shards:
+            yield from read_shard(shard)
+
+    for modality in modalities.values():
+        modality.prepare(folder, records)
+
+
+def build_parts(config: Config, start_weights: bool = True,
+                modalities: dict[str, Modality] | None = None) -> RunParts:
+    """Each stream's modality (prepared on the shards) and masker, the model and its loss
+    terms: freshly initialised (seeded by trainer.seed), then, with `start_weights`, loaded
+    from `model.init_from` when the recipe names weights to start from."""
+    modalities = modalities or stream_modalities(config)
+    prepare_modalities(config, modalities)
+    stream_configs = config.stream_configs()
+    streams = [StreamSpec(name, modality, modality.masker(stream_configs[name].mask.name,
+                                                          stream_configs[name].mask.ratio,
+                                                          stream_configs[name].mask.options))
+               for name, modality in modalities.items()]
     torch.manual_seed(config.trainer.seed)
-    decoders = {name: stream.decoder for name, stream in config.stream_configs().items()}
+    decoders = {name: stream.decoder for name, stream in stream_configs.items()}
     parts = RunParts(config, streams, None)  # type: ignore[arg-type]
-    model = build_model({spec.name: spec.modality for spec in streams}, decoders, config.model,
-                        taps=layers_read(parts.objective))
-    parts.module = Pretraining(model, LossTerms(parts.objective, [spec.name for spec in streams], model))
+    model = build_model(modalities, decoders, config.model, taps=layers_read(parts.objective))
+    parts.module = Pretraining(model, LossTerms(parts.objective, list(modalities), model))
     if start_weights and config.model.init_from:
         load_start_weights(parts, config.model.init_from)
     return parts
@@ -102,29 +128,30 @@ def load_start_weights(parts: RunParts, source: str) -> None:
                           f"({first[0].strip()}); use the model settings of {checkpoint / 'config.yaml'}") from None
 
 
-def validate_all_streams(streams: list[StreamSpec]):
+def validate_all_streams(modalities: dict[str, Modality]):
     def validate(sample: dict) -> None:
-        for spec in streams:
-            spec.modality.decode(sample)
+        for modality in modalities.values():
+            modality.decode(sample)
     return validate
 
 
-def source_reader(streams: list[StreamSpec], source: str):
-    """The stream whose modality offers `source` as a built-in; else the first (folders)."""
-    for spec in streams:
-        if source in spec.modality.sources():
-            return spec.modality
-    return streams[0].modality
+def source_reader(modalities: dict[str, Modality], source: str) -> Modality:
+    """The stream modality that offers `source` as a built-in; else the first (folders)."""
+    for modality in modalities.values():
+        if source in modality.sources():
+            return modality
+    return next(iter(modalities.values()))
 
 
-def split_shards(config: Config, streams: list[StreamSpec]) -> tuple[list[str], list[str] | None]:
-    """(train shards, labelled val shards or None), sharding `data.source` first when needed."""
+def split_shards(config: Config, modalities: dict[str, Modality]) -> tuple[list[str], list[str] | None]:
+    """(train shards, labelled val shards or None), sharding `data.source` first when needed
+    (its records decoded by every stream's modality, so a record bad for any is rejected)."""
     data = config.data
     folder = Path(data.shards)
     if data.source and not (folder / "train-manifest.json").is_file():
         print(f"sharding {data.source!r} into {folder} ...")
-        shard_source(source_reader(streams, data.source), data.source, folder, val_fraction=data.val_fraction,
-                     seed=data.seed, validate=validate_all_streams(streams))
+        shard_source(source_reader(modalities, data.source), data.source, folder, val_fraction=data.val_fraction,
+                     seed=data.seed, validate=validate_all_streams(modalities))
     train = resolve_shards(data.shards, prefix="train") if folder.is_dir() else resolve_shards(data.shards)
     if data.val_shards:
         return train, resolve_shards(data.val_shards)

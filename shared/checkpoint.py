@@ -12,12 +12,15 @@ are kept.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError
 
 STEP_PREFIX = "step-"
 
@@ -94,3 +97,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
     return latest
+
+
+def hf_model_type(folder: str | Path) -> str | None:
+    """The `model_type` of a local Hugging Face folder's config.json ("vit_mae", "bert"; None:
+    not such a folder): the modality whose interop reads that type imports it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise ConfigError(f"{path}: not a valid Hugging Face config.json") from None

@@ -10,7 +10,8 @@ register under their name.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -65,6 +66,11 @@ class Modality:
 
     def decode(self, sample: dict) -> Any:
         raise NotImplementedError
+
+    def prepare(self, shard_folder: Path, records: Callable[[], Iterator[dict]]) -> None:
+        """Fit what the modality learns from the data before a model is built (the text
+        modality's tokenizer), saved beside the shards so every later run reuses it.
+        `records()` iterates the train shards' records. Default: nothing to fit."""
 
     # -- masking ----------------------------------------------------------
     def masker(self, name: str | None, ratio: float, options: dict) -> Masker:

@@ -97,6 +97,10 @@ class TokenCrossEntropy(Objective):
         return token_cross_entropy(outputs.pred(self.stream), batch.streams[self.stream].ids,
                                    batch.target_weights(self.stream), self.label_smoothing)
 
+    def scored(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(the ids it scores [B, N], their weights): what a unigram baseline is measured on."""
+        return batch.streams[self.stream].ids, batch.target_weights(self.stream)
+
 
 def token_cross_entropy(logits: Tensor, ids: Tensor, weights: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy over the tokens with weight 1 (only those are scored: a masked-LM

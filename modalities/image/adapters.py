@@ -61,6 +61,13 @@ def decode_jpeg_rgb(data: bytes) -> np.ndarray | None:
         return None
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency composited over white (a cut-out stamp or icon), as it is
+    seen; dropping alpha instead would show whatever colour hides under transparent pixels."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def decode_with_pil(data: bytes, source: str, channels: int) -> np.ndarray:
     """Any format PIL reads -> uint8 [H, W] (grey) or [H, W, 3]; BadInput names `source` and the problem."""
     try:
@@ -71,6 +78,8 @@ def decode_with_pil(data: bytes, source: str, channels: int) -> np.ndarray:
             if image.mode in WIDE_GREY_MODES:  # 16-bit grey PNG: PIL's convert would clip it to 255 (white)
                 image = Image.fromarray(np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255)
                                         .astype(np.uint8))
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = on_white(image)
             if image.mode != MODES[channels]:  # convert() to the same mode would only copy
                 image = image.convert(MODES[channels])
             return np.array(image)  # a writable copy: np.asarray of a PIL image is read-only

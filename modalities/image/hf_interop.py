@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polymae.shared.checkpoint import hf_model_type as folder_model_type  # noqa: F401  (used by the modality)
 from polymae.shared.errors import ConfigError
 from polymae.shared.model import DecoderConfig, MaskedAutoencoder, ModelConfig, build_vit_mae
 from polymae.shared.position import LearnedPosition, SinCosPosition
@@ -347,17 +348,6 @@ def hf_noise_to_mask(noise: Tensor, mask_ratio: float):
 
 
 # -- checkpoint folders on disk ---------------------------------------------------------------------
-
-
-def folder_model_type(folder: str | Path) -> str | None:
-    """The `model_type` of a local Hugging Face folder's config.json (None: not such a folder)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError):
-        raise ConfigError(f"{path}: not a valid Hugging Face config.json") from None
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict[str, Tensor], Any]:

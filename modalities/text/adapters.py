@@ -476,18 +476,30 @@ READER_OPTIONS = {"folder": ("unit", "encoding_errors"), "text file": ("unit", "
                   "lee": (), "botchan": ("unit",), "tuxpaint-stamps": ("language",)}
 
 
+def source_kind(source: str) -> str:
+    """Which reader reads `source`: a built-in's name, "jsonl", "text file" or "folder"."""
+    path = Path(source)
+    if source in BUILTIN_READERS:
+        return source
+    if path.suffix.lower() == ".jsonl":
+        return "jsonl"
+    if path.suffix.lower() in TEXT_SUFFIXES and not path.is_dir():
+        return "text file"
+    return "folder"
+
+
+def reader_options(source: str) -> tuple[str, ...]:
+    """The options the reader of `source` takes."""
+    return READER_OPTIONS[source_kind(source)]
+
+
 def read_source(source: str, **options) -> Samples:
     """A built-in corpus (BUILTIN_SOURCES), a folder of text files, a .jsonl file or one
     text file, with that reader's options; an option it does not take is a ConfigError."""
     path = Path(source)
-    if source in BUILTIN_READERS:
-        kind, reader = source, BUILTIN_READERS[source]
-    elif path.suffix.lower() == ".jsonl":
-        kind, reader = "jsonl", read_jsonl
-    elif path.suffix.lower() in TEXT_SUFFIXES and not path.is_dir():
-        kind, reader = "text file", read_text_file
-    else:
-        kind, reader = "folder", read_folder
+    kind = source_kind(source)
+    reader = {"jsonl": read_jsonl, "text file": read_text_file, "folder": read_folder}.get(kind) \
+        or BUILTIN_READERS[source]
     unknown = sorted(set(options) - set(READER_OPTIONS[kind]))
     if unknown:
         allowed = ", ".join(READER_OPTIONS[kind]) or "none"
