@@ -15,7 +15,6 @@ mask names a decode subset) and real (padding excluded), `Batch.target_weights`.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

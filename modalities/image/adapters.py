@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from polymae.shared.errors import BadInput
+from polymae.shared.sources import SourceSamples, sample_key
 
 IMAGE_SUFFIXES = {".jpg": "image.jpg", ".jpeg": "image.jpg", ".png": "image.png"}
 BUILTIN_SOURCES = {
@@ -113,35 +114,24 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
     return pixels.permute(2, 0, 1)
 
 
-class FolderSamples:
-    """The samples of a folder's image files. A file that cannot be read (a dangling
-    link, no permission, an I/O error) makes `next` raise its BadInput (kind
-    "unreadable_file") once, and the following call moves on to the next file: the
-    shard writer records it as rejected and goes on (a generator would end there)."""
-
-    def __init__(self, root: Path, classes: list[str], files: list[Path]):
-        self.root, self.classes, self.files = root, classes, iter(files)
-
-    def __iter__(self) -> "FolderSamples":
-        return self
-
-    def __next__(self) -> dict:
-        path = next(self.files)  # StopIteration ends the source
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise BadInput(str(path), f"cannot read file ({error.strerror or error})", "unreadable_file") from None
-        relative = path.relative_to(self.root)
-        sample = {"__key__": str(relative.with_suffix("")).replace("/", "_").replace(".", "_"),
-                  "__source__": str(path), IMAGE_SUFFIXES[path.suffix.lower()]: data}
-        if self.classes and path.parent != self.root:
-            sample["cls"] = str(self.classes.index(relative.parts[0])).encode()
-        return sample
+def folder_sample(root: Path, classes: list[str], path: Path) -> list[dict]:
+    """One image file of a folder -> its sample (labelled by its class sub-folder, if any)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadInput(str(path), f"cannot read file ({error.strerror or error})", "unreadable_file") from None
+    relative = path.relative_to(root)
+    sample = {"__key__": sample_key(str(relative.with_suffix(""))), "__source__": str(path),
+              IMAGE_SUFFIXES[path.suffix.lower()]: data}
+    if classes and path.parent != root:
+        sample["cls"] = str(classes.index(relative.parts[0])).encode()
+    return [sample]
 
 
-def read_folder(root: Path) -> FolderSamples:
+def read_folder(root: Path) -> SourceSamples:
     """A flat folder of images, or class sub-folders (labels by sorted folder name).
-    A missing or image-less folder raises BadInput here, before any sample."""
+    A missing or image-less folder raises BadInput here, before any sample; an
+    unreadable file ("unreadable_file") is rejected and the source goes on."""
     if not root.is_dir():
         raise BadInput(str(root), "is not a folder of images (nor a built-in source: "
                        f"{', '.join(BUILTIN_SOURCES)})", "missing_source")
@@ -150,7 +140,7 @@ def read_folder(root: Path) -> FolderSamples:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not files:
         raise BadInput(str(root), f"holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files", "missing_source")
-    return FolderSamples(root, classes, files)
+    return SourceSamples(files, lambda path: folder_sample(root, classes, path), classes)
 
 
 def read_digits() -> Iterator[dict]:

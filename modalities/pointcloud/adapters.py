@@ -40,13 +40,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans  # noqa: F401
 from polymae.shared.errors import BadInput
 from polymae.shared.packaged_data import PackagedDataError
+from polymae.shared.sources import SourceSamples, sample_key
 
 FEATURE_WIDTHS = {"rgb": 3, "intensity": 1, "normals": 3}
 POINT_SUFFIXES = {".ply": "points.ply", ".pcd": "points.pcd", ".las": "points.las", ".laz": "points.laz",
@@ -403,11 +404,6 @@ def cell_pieces(cloud: Cloud, index: np.ndarray, corner: np.ndarray, size: float
 # -- samples -------------------------------------------------------------------------------------
 
 
-def sample_key(text: str) -> str:
-    """A WebDataset-safe key: no '.', no '/'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "cloud"
-
-
 def make_sample(key: str, source: str, cloud: Cloud, storage: str = "points.npz", **meta) -> dict:
     payload = encode_kitti_bin(cloud) if storage == "lidar.bin" else encode_npz(cloud)
     info = {"source": source, "points": len(cloud), "origin": [float(v) for v in cloud.origin],
@@ -450,38 +446,16 @@ def scan_samples(path: Path, key: str, settings: TileSettings) -> list:
     return out
 
 
-class SourceSamples:
-    """An iterator of samples over files that goes on after a bad file: `next` raises
-    the file's BadInput once and the following call moves to the next file (the
-    shard writer records it as rejected and continues; a generator could not)."""
-
-    def __init__(self, files: Iterable[tuple[Path, str]], to_samples: Callable[[Path, str], list]):
-        self.files, self.to_samples = iter(files), to_samples
-        self.pending: list = []
-
-    def __iter__(self) -> "SourceSamples":
-        return self
-
-    def __next__(self) -> dict:
-        while not self.pending:
-            path, key = next(self.files)  # StopIteration ends the source
-            self.pending = list(self.to_samples(path, key))
-        item = self.pending.pop(0)
-        if isinstance(item, BadInput):
-            raise item
-        return item
-
-
 def read_folder(root: Path, settings: TileSettings) -> SourceSamples:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in POINT_SUFFIXES)
     if not files:
         raise BadInput(str(root), f"holds no {'/'.join(sorted(POINT_SUFFIXES))} files", "missing_source")
     keyed = [(p, sample_key(str(p.relative_to(root).with_suffix("")))) for p in files]
-    return SourceSamples(keyed, lambda p, k: scan_samples(p, k, settings))
+    return SourceSamples(keyed, lambda item: scan_samples(*item, settings))
 
 
 def read_file(path: Path, settings: TileSettings) -> SourceSamples:
-    return SourceSamples([(path, sample_key(path.stem))], lambda p, k: scan_samples(p, k, settings))
+    return SourceSamples([(path, sample_key(path.stem))], lambda item: scan_samples(*item, settings))
 
 
 # -- the laspy test scans (real data, fetched through pip) ----------------------------------------------
@@ -503,7 +477,7 @@ def read_builtin(source: str, settings: TileSettings) -> SourceSamples:
         paths = laspy_scan_paths(LASPY_SWEEP_SCANS)
         settings = TileSettings(**{**settings.__dict__, "shape": "disc", "storage": "lidar.bin"})
     keyed = [(p, sample_key(p.stem)) for p in paths]
-    return SourceSamples(keyed, lambda p, k: scan_samples(p, k, settings))
+    return SourceSamples(keyed, lambda item: scan_samples(*item, settings))
 
 
 def read_source(source: str, settings: TileSettings | None = None) -> SourceSamples:

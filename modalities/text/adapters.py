@@ -60,6 +60,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
 from polymae.shared.errors import BadInput, ConfigError
+from polymae.shared.sources import SourceSamples, sample_key
 from polymae.shared.packaged_data import PackagedDataError, fetch_deb_files, fetch_sdist_files, fetch_wheel_files
 
 TEXT_SUFFIXES = (".md", ".rst", ".txt")
@@ -129,11 +130,6 @@ def make_sample(key: str, source: str, text: str, label: int | None = None) -> d
     return sample
 
 
-def sample_key(text: str) -> str:
-    """A WebDataset-safe key: no '.', no '/'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "text"
-
-
 def unique_keys(names: Iterable[str]) -> list[str]:
     """`sample_key` of each name, with "-2", "-3", ... after a key seen before
     ("a/b.txt" and "a_b.txt" both give "a_b_txt")."""
@@ -153,35 +149,6 @@ def unit_keys(base: str, unit: str, count: int) -> list[str]:
     return [f"{base}_{letter}{i:06d}" for i in range(count)]
 
 
-class Samples:
-    """The samples of a source's units (files, lines), made lazily by `expand(unit)`,
-    which returns an iterable of samples and of BadInput objects (a bad line of a file),
-    or raises BadInput (a bad file). `next` raises each BadInput once and the following
-    call goes on: the shard writer records it and continues, where a generator would
-    end. `classes` names the labels (index -> name) where the source has them."""
-
-    def __init__(self, units: Iterable, expand: Callable[[object], Iterable], classes: Iterable[str] = ()):
-        self.units, self.expand, self.classes = iter(units), expand, list(classes)
-        self.pending: Iterator = iter(())
-
-    def __iter__(self) -> "Samples":
-        return self
-
-    def __next__(self) -> dict:
-        while True:
-            try:
-                item = next(self.pending)
-            except StopIteration:
-                self.pending = iter(self.expand(next(self.units)))  # next(units)'s StopIteration ends the source
-                continue
-            except BadInput:  # raised inside the unit's generator: that unit is done
-                self.pending = iter(())
-                raise
-            if isinstance(item, BadInput):
-                raise item
-            return item
-
-
 # -- folders and files ----------------------------------------------------------------------------------
 
 
@@ -197,7 +164,7 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...], source: str) -
         raise ConfigError(f"text source {source}: {name}={value!r} is not one of {', '.join(allowed)}")
 
 
-def read_folder(root: Path, unit: str = "document", encoding_errors: str = "strict") -> Samples:
+def read_folder(root: Path, unit: str = "document", encoding_errors: str = "strict") -> SourceSamples:
     """A folder of .txt/.md/.rst files, flat or with one sub-folder per class (labels by
     sorted folder name). Hidden files and folders are left out. A missing or text-less
     folder raises BadInput here, before any sample."""
@@ -220,7 +187,7 @@ def read_folder(root: Path, unit: str = "document", encoding_errors: str = "stri
         label = classes.index(relative.parts[0]) if len(relative.parts) > 1 else None
         return file_samples(path, key, unit, encoding_errors, label)
 
-    return Samples(zip(files, keys), expand, classes)
+    return SourceSamples(zip(files, keys), expand, classes)
 
 
 def file_samples(path: Path, key: str, unit: str, encoding_errors: str, label: int | None = None) -> list[dict]:
@@ -229,14 +196,14 @@ def file_samples(path: Path, key: str, unit: str, encoding_errors: str, label: i
     return [make_sample(k, str(path), part, label) for k, part in zip(unit_keys(key, unit, len(parts)), parts)]
 
 
-def read_text_file(path: Path, unit: str = "document", encoding_errors: str = "strict") -> Samples:
+def read_text_file(path: Path, unit: str = "document", encoding_errors: str = "strict") -> SourceSamples:
     check_choice("unit", unit, UNITS, str(path))
     check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS, str(path))
-    return Samples([path], lambda p: file_samples(p, sample_key(p.name), unit, encoding_errors))
+    return SourceSamples([path], lambda p: file_samples(p, sample_key(p.name), unit, encoding_errors))
 
 
 def read_jsonl(path: Path, text_field: str = "text", label_field: str | None = None,
-               encoding_errors: str = "strict") -> Samples:
+               encoding_errors: str = "strict") -> SourceSamples:
     """One sample per line of a JSON-lines file: the object's `text_field`, and its
     `label_field` when given. String labels become indices by sorted unique value (a
     first pass over the file collects them); `classes` lists them. A bad line is
@@ -273,7 +240,7 @@ def read_jsonl(path: Path, text_field: str = "text", label_field: str | None = N
                 yield label if isinstance(label, BadInput) else \
                     make_sample(f"{key}_{number:07d}", where, record[text_field], label)
 
-    return Samples([path], samples, classes)
+    return SourceSamples([path], samples, classes)
 
 
 def jsonl_records(path: Path, encoding_errors: str) -> Iterator[tuple[int, object]]:
@@ -382,7 +349,7 @@ def split_fortunes(text: str) -> list[str]:
     return entries
 
 
-def read_fortunes(encoding_errors: str = "strict") -> Samples:
+def read_fortunes(encoding_errors: str = "strict") -> SourceSamples:
     """One sample per fortune cookie, labelled by its category file (sorted names)."""
     check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS, "fortunes")
     folders = fetched("fortunes", fetch_fortunes)
@@ -396,10 +363,10 @@ def read_fortunes(encoding_errors: str = "strict") -> Samples:
         return [make_sample(f"fortune_{key}_{i:05d}", f"{path}#{i}", cookie, classes.index(category))
                 for i, cookie in enumerate(split_fortunes(text))]
 
-    return Samples(classes, expand, classes)
+    return SourceSamples(classes, expand, classes)
 
 
-def read_lee() -> Samples:
+def read_lee() -> SourceSamples:
     """The 299 articles of lee_background.cor, one per line."""
     path = fetched("lee", fetch_lee)
 
@@ -408,10 +375,10 @@ def read_lee() -> Samples:
         return [make_sample(f"lee_{i:03d}", f"{path}:{i + 1}", line.strip())
                 for i, line in enumerate(text.split("\n")) if line.strip()]
 
-    return Samples([path], expand)
+    return SourceSamples([path], expand)
 
 
-def read_botchan(unit: str = "line") -> Samples:
+def read_botchan(unit: str = "line") -> SourceSamples:
     """Botchan's lines (as sentencepiece trains on them), or the novel as one document.
     sentencepiece's copy has no blank lines, so it has no paragraphs to split by."""
     if unit == "paragraph":
@@ -429,7 +396,7 @@ def read_botchan(unit: str = "line") -> Samples:
             return [make_sample("botchan", str(path), "\n".join(book))]
         return [make_sample(f"botchan_l{i:05d}", f"{path}:{i + 1}", line) for i, line in enumerate(book)]
 
-    return Samples([path], expand)
+    return SourceSamples([path], expand)
 
 
 def stamp_caption(text: str, language: str) -> str | None:
@@ -444,7 +411,7 @@ def stamp_caption(text: str, language: str) -> str | None:
     return None
 
 
-def read_stamps(language: str = "en") -> Samples:
+def read_stamps(language: str = "en") -> SourceSamples:
     """Tux Paint's default stamps with their captions, for image + text: each sample has
     "png", "txt" and "cls" (the top category folder, sorted). The *_mirror.png files are
     mirror images of another stamp (Tux Paint shows them when a stamp is flipped), not
@@ -466,10 +433,10 @@ def read_stamps(language: str = "en") -> Samples:
         sample["png"] = read_file_bytes(png)
         return [sample]
 
-    return Samples(zip(pngs, keys), expand, classes)
+    return SourceSamples(zip(pngs, keys), expand, classes)
 
 
-BUILTIN_READERS: dict[str, Callable[..., Samples]] = {
+BUILTIN_READERS: dict[str, Callable[..., SourceSamples]] = {
     "fortunes": read_fortunes, "lee": read_lee, "botchan": read_botchan, "tuxpaint-stamps": read_stamps}
 READER_OPTIONS = {"folder": ("unit", "encoding_errors"), "text file": ("unit", "encoding_errors"),
                   "jsonl": ("text_field", "label_field", "encoding_errors"), "fortunes": ("encoding_errors",),
@@ -493,7 +460,7 @@ def reader_options(source: str) -> tuple[str, ...]:
     return READER_OPTIONS[source_kind(source)]
 
 
-def read_source(source: str, **options) -> Samples:
+def read_source(source: str, **options) -> SourceSamples:
     """A built-in corpus (BUILTIN_SOURCES), a folder of text files, a .jsonl file or one
     text file, with that reader's options; an option it does not take is a ConfigError."""
     path = Path(source)

@@ -38,18 +38,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import zipfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans  # noqa: F401
 from polymae.shared.errors import BadInput
 from polymae.shared.packaged_data import PackagedDataError
+from polymae.shared.sources import SourceSamples, sample_key
 
 GRID_SUFFIXES = {".npz": "grid.npz", ".npy": "grid.npy"}
 CLOUD_SUFFIXES = (".ply", ".pcd", ".las", ".laz")
@@ -261,11 +260,6 @@ def read_points(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return xyz, rgb
 
 
-def sample_key(text: str) -> str:
-    """A shard key: no '.' (WebDataset splits names there), no path separators."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
-
-
 def scan_samples(path: Path, key: str, settings: Voxelisation) -> list[dict]:
     """One scan -> its voxel tiles as samples (RGB + density, or density only)."""
     xyz, rgb = read_points(path)
@@ -292,23 +286,6 @@ def scan_samples(path: Path, key: str, settings: Voxelisation) -> list[dict]:
 
 
 # -- sources ----------------------------------------------------------------------------------------
-
-class SourceSamples:
-    """Samples of many files, as an iterator that goes on after one file raises BadInput
-    (a generator would end there; the shard writer counts the error and asks for the next)."""
-
-    def __init__(self, files: Iterable, to_samples: Callable[[object], list[dict]]):
-        self.files, self.to_samples, self.pending = iter(files), to_samples, deque()
-
-    def __iter__(self) -> "SourceSamples":
-        return self
-
-    def __next__(self) -> dict:
-        while not self.pending:
-            item = next(self.files)               # StopIteration ends the source
-            self.pending.extend(self.to_samples(item))  # BadInput propagates; the next call goes on
-        return self.pending.popleft()
-
 
 def file_samples(path: Path, root: Path, settings: Voxelisation) -> list[dict]:
     key = sample_key(str(path.relative_to(root).with_suffix("")) if path != root else path.stem)
