@@ -106,11 +106,11 @@ def decode_only(jpegs: list[bytes], decode) -> float:
 
 def pipeline_stream(modality, shards: list[str], masker_name: str, batch: int):
     """The training stream every measurement here reads: shuffled, augmented, masked at 0.75."""
-    from polymae.pipelines.stream import ShardStream
+    from polymae.pipelines.stream import ShardStream, StreamSpec
     from polymae.shared.masking import build_masker
 
-    return ShardStream(shards, modality, build_masker(masker_name, 0.75), batch_size=batch, train=True,
-                       shuffle_buffer=200, seed=0)
+    return ShardStream(shards, [StreamSpec("image", modality, build_masker(masker_name, 0.75))], batch_size=batch,
+                       train=True, shuffle_buffer=200, seed=0)
 
 
 def pipeline_loader(modality, shards: list[str], masker_name: str, batch: int, workers: int):

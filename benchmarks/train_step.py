@@ -5,7 +5,7 @@ blocks x 6 heads (MLP 1536), decoder 256 wide x 4 blocks x 8 heads (MLP 1024),
 mask ratio 0.75, norm-pix loss, batch 32, AdamW, forward + backward + step.
 
 Both models start from the same weights (HF's, converted with
-`polymae.shared.hf_interop.from_hf_vitmae`), see the same photos and the same
+`polymae.modalities.image.hf_interop.from_hf_vitmae`), see the same photos and the same
 masking noise (HF's `noise=`; polymae's Mask from the same noise), in one
 process with the same threads, alternating step by step, in fp32 and under
 bf16 autocast. HF runs with attn_implementation="sdpa" and torch's default
@@ -68,7 +68,7 @@ def build(args):
     from transformers import ViTMAEForPreTraining
 
     from polymae.modalities.image.tokenizer import patchify
-    from polymae.shared.hf_interop import fill_hf_sincos_tables, from_hf_vitmae, hf_noise_to_mask
+    from polymae.modalities.image.hf_interop import fill_hf_sincos_tables, from_hf_vitmae, hf_noise_to_mask
     from polymae.shared.tokens import Batch
 
     torch.manual_seed(0)
@@ -81,23 +81,22 @@ def build(args):
     num_tokens = (args.image // args.patch) ** 2
     noise = torch.rand(args.batch, num_tokens, generator=torch.Generator().manual_seed(1))
     tokens = patchify(pixels, args.patch)
-    batch = Batch(tokens=tokens, mask=hf_noise_to_mask(noise, config.mask_ratio))
+    batch = Batch(streams={"image": tokens}, mask=hf_noise_to_mask(noise, config.mask_ratio))
     assert torch.equal(hf.patchify(pixels), tokens.values)
     return config, hf, model, pixels, noise, batch
 
 
 def make_steps(hf, model, pixels, noise, batch, fused: bool):
-    from polymae.shared.objectives import total_loss
+    from polymae.shared.objectives import LossTerms
 
-    terms = {"pixel": {"weight": 1.0, "norm_pix": True}}
+    terms = LossTerms({"pixel": {"weight": 1.0, "norm_pix": True}}, ["image"])
     optimizers = {"hf": adamw(hf.parameters(), fused=False), "polymae": adamw(model.parameters(), fused=fused)}
-    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
 
     def forward_hf():
         return hf(pixel_values=pixels, noise=noise).loss
 
     def forward_polymae():
-        return total_loss(terms, model(values, coords, mask), batch)[0]
+        return terms(model(batch), batch)[0]
 
     def step(name, forward, precision):
         optimizer = optimizers[name]

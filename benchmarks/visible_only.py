@@ -39,12 +39,13 @@ from common import Budget, adamw, autocast, machine, median, photo_batch, set_th
 
 
 def build(args, decoder_depth: int):
-    from polymae.shared.model import MaskedAutoencoder, ModelConfig
+    from polymae.modalities.image.hf_interop import image_mae
+    from polymae.shared.model import ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(size="base", decoder_width=512, decoder_depth=decoder_depth, decoder_heads=16)
     grid = (args.image // 16, args.image // 16)
-    model = MaskedAutoencoder(16 * 16 * 3, 2, config, grid=grid).train()
+    model = image_mae(16 * 16 * 3, grid, config).train()
     model.encoder_mask_token = nn.Parameter(torch.randn(1, 1, model.config.width) * 0.02)  # used by the SimMIM path
     return model
 
@@ -53,25 +54,22 @@ def encode_with_mask_tokens(model, values, coords, mask):
     """SimMIM-style encoder: every token goes in, hidden ones as the mask token (+ their position)."""
     from polymae.shared.kernels import linear
 
-    adapter = model.input_adapter
+    adapter = model.input_adapters["image"]
     embedded = linear(values, adapter.embed, adapter.kernels)
     embedded = torch.where(mask.hidden.unsqueeze(-1), model.encoder_mask_token.to(embedded.dtype), embedded)
-    x = embedded + adapter.position(coords)
-    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-    for block in model.blocks:
-        x = block(x)
-    return model.norm(x)
+    return model.encoder(embedded + adapter.position(coords))[0]  # [cls] + tokens -> blocks -> norm
 
 
 def decode_all(model, latent, coords):
     """The decoder on an encoder output that already holds every position."""
     from polymae.shared.kernels import linear
 
-    x = linear(latent, model.decoder_embed, model.config.kernels)
-    x = torch.cat([x[:, :1], x[:, 1:] + model.decoder_position(coords).to(x.dtype)], dim=1)
-    for block in model.decoder_blocks:
+    decoder = model.decoders["image"]
+    x = linear(latent, decoder.embed, decoder.kernels)
+    x = torch.cat([x[:, :1], x[:, 1:] + decoder.position(coords).to(x.dtype)], dim=1)
+    for block in decoder.blocks:
         x = block(x)
-    return linear(model.decoder_norm(x)[:, 1:], model.head, model.config.kernels)
+    return linear(decoder.norm(x)[:, 1:], decoder.head, decoder.kernels)
 
 
 def flops_per_image(model, num_tokens: int, encoder_tokens: int) -> dict:
@@ -80,43 +78,45 @@ def flops_per_image(model, num_tokens: int, encoder_tokens: int) -> dict:
         return depth * (2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width)
 
     c = model.config
-    mlp, dmlp = model.blocks[0].mlp[0].out_features, model.decoder_blocks[0].mlp[0].out_features
+    decoder = model.decoders["image"]
+    mlp, dmlp = model.encoder.blocks[0].mlp[0].out_features, decoder.blocks[0].mlp[0].out_features
     encoder = 3 * blocks(c.depth, c.width, mlp, encoder_tokens + 1)
     decoder = 3 * (blocks(c.decoder_depth, c.decoder_width, dmlp, num_tokens + 1)
                    + 2 * (encoder_tokens + 1) * c.width * c.decoder_width
-                   + 2 * num_tokens * c.decoder_width * model.d_in)
+                   + 2 * num_tokens * c.decoder_width * decoder.head.out_features)
     return {"encoder": encoder, "step": encoder + decoder}
 
 
 def measure(model, args, values, coords, grid, ratio: float) -> dict:
     """Both variants of one model at one mask ratio, alternating step by step."""
     from polymae.shared.masking import build_masker
-    from polymae.shared.model import gather_tokens
-    from polymae.shared.objectives import pixel_loss
+    from polymae.shared.model import Outputs
+    from polymae.shared.objectives import PixelLoss
     from polymae.shared.tokens import Tokens, collate
 
     optimizer = adamw(model.parameters(), fused=True)
     masker = build_masker("random", ratio)
+    pixel_loss = PixelLoss("image", norm_pix=True)
     items = []
     for i in range(args.batch):
         sample = Tokens(values[i], coords[i], grid=grid)
-        items.append((sample, masker(sample, torch.Generator().manual_seed(i)), None, str(i)))
+        items.append(({"image": sample}, {"image": masker(sample, torch.Generator().manual_seed(i))}, None, str(i)))
     batch = collate(items)
     mask = batch.mask
 
-    def visible():
-        """The visible tokens' values and coords, as MaskedAutoencoder.forward gathers them."""
-        return gather_tokens(values, mask.ids_keep), gather_tokens(coords, mask.ids_keep)
-
     def encode(kind):
-        return model.encode(*visible()) if kind == "visible" else encode_with_mask_tokens(model, values, coords, mask)
+        """visible: the model's own encoder on [cls] + the visible tokens (MaskedAutoencoder.encode)."""
+        return model.encode(batch)[0] if kind == "visible" else encode_with_mask_tokens(model, values, coords, mask)
 
     def step(kind):
         start = time.perf_counter()
         with autocast("bf16"):
-            latent = encode(kind)
-            pred = model.decode(latent, mask, coords) if kind == "visible" else decode_all(model, latent, coords)
-            loss = pixel_loss({"pred": pred}, batch, norm_pix=True)
+            if kind == "visible":
+                outputs = model(batch)
+            else:
+                latent = encode(kind)
+                outputs = Outputs({"image": {"pred": decode_all(model, latent, coords)}}, latent)
+            loss = pixel_loss(outputs, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

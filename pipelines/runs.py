@@ -15,7 +15,7 @@ from polymae.shared.errors import ConfigError
 from polymae.shared.model import build_model
 from polymae.shared.objectives import LossTerms, Pretraining, layers_read
 from polymae.shared.modality import Modality
-from polymae.shared.registry import MODALITIES
+from polymae.shared.registry import MASKERS, MODALITIES
 
 from .shards import resolve_shards, shard_source
 from .stream import StreamSpec, read_shard
@@ -63,6 +63,7 @@ def stream_modalities(config: Config) -> dict[str, Modality]:
                               f"{error.args[0]}") from None
         where = "modality_options" if not config.streams else f"streams.{name}.options"
         modalities[name] = modality_class(stream.options, payload_keys=stream.keys, where=where)
+        MASKERS.get(stream.mask.name or modalities[name].default_masker)  # a misspelt masker fails before any data
     return modalities
 
 

@@ -401,10 +401,10 @@ def test_pretrain_skips_and_counts_bad_records_per_kind(planted_shards, tmp_path
     # One epoch, read the way pretrain reads it, to know how many steps it holds (the trainer
     # goes on into the next epoch, which would count every bad record again).
     parts = build_parts(config)
-    shards, _ = split_shards(config, parts.modality)
+    shards, _ = split_shards(config, parts.modalities)
     assert len(shards) == 8 and shards[-1] == f"file://{folder}/train-000007.tar"
     assert not (folder / "train-000007.tar").exists()
-    stream = ShardStream(shards, parts.modality, parts.masker, batch_size=32, train=True,
+    stream = ShardStream(shards, parts.streams, batch_size=32, train=True,
                          shuffle_buffer=config.data.shuffle_buffer, seed=config.data.seed)
     epoch = [(len(batch), Counter(batch.skipped)) for batch in Loader(stream, num_workers=2)]
     assert sum((skipped for _, skipped in epoch), Counter()) == Counter(PLANTED)
@@ -458,7 +458,7 @@ def clean_batches(tmp_path_factory, digit_samples) -> tuple[Path, list]:
     write_shards(digit_samples[:256], folder)
     config = load_config(None, [f"data.shards={folder}", f"out_dir={folder}", *FAST])
     parts = build_parts(config)
-    stream = ShardStream(resolve_shards(folder), parts.modality, parts.masker, batch_size=32, train=True,
+    stream = ShardStream(resolve_shards(folder), parts.streams, batch_size=32, train=True,
                          shuffle_buffer=64, seed=0)
     batches = list(Loader(stream, num_workers=0))
     assert [len(batch) for batch in batches] == [32] * 8
@@ -468,7 +468,8 @@ def clean_batches(tmp_path_factory, digit_samples) -> tuple[Path, list]:
 def poisoned(batch, value: float):
     values = batch.tokens.values.clone()
     values[0, 3, 1] = value  # one pixel of one sample
-    return replace(batch, tokens=replace(batch.tokens, values=values))
+    (name,) = batch.streams
+    return replace(batch, streams={name: replace(batch.tokens, values=values)})
 
 
 def guard_trainer(folder: Path, run_dir: Path, *overrides: str) -> tuple[Trainer, list[str]]:
@@ -476,7 +477,7 @@ def guard_trainer(folder: Path, run_dir: Path, *overrides: str) -> tuple[Trainer
                                 "trainer.max_nonfinite=3", *overrides])
     parts = build_parts(config)  # seeded by trainer.seed: every call starts from the same weights
     logged: list[str] = []
-    return Trainer(parts.model, config.trainer, run_dir, parts.loss, log=logged.append), logged
+    return Trainer(parts.module, config.trainer, run_dir, log=logged.append), logged
 
 
 def test_a_non_finite_batch_skips_its_step_and_training_goes_on(clean_batches, tmp_path):

@@ -24,7 +24,7 @@ def test_misspelled_config_key_is_one_line_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_steps=abc", "trainer.max_steps: expected an integer"),
-    ("trainer.precision=fp8", "trainer.precision must be one of bf16, fp32"),
+    ("trainer.precision=fp8", "trainer.precision must be one of auto, bf16, fp32"),
     ("model.size=colossal", "model.size must be one of"),
     ("mask.name=checkers", "unknown masker 'checkers'"),
     ("modality_options.patch_size=3", "must be a multiple of patch_size 3"),

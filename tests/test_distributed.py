@@ -66,7 +66,7 @@ def test_fsdp_shards_parameters_and_checkpoints_them_whole(tmp_path, uneven_shar
     assert summary["steps_per_rank"] == [4, 4]
     assert len(set(summary["parameter_digests"])) == 2  # each rank holds its own shard of the parameters
     weights = load_file(str(run_dir / "checkpoints" / "step-000004" / "model.safetensors"))
-    fresh = build_parts(load_config(run_dir / "config.yaml")).model.state_dict()
+    fresh = build_parts(load_config(run_dir / "config.yaml")).module.state_dict()  # model and objective
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in fresh.items()}  # whole, not shards
 
 
@@ -85,14 +85,15 @@ def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missi
     """Equal batches per rank: a worker whose only shard is missing fills its share from the
     rank's other shards; the missing shard is counted once, not once per re-read."""
     from polymae.pipelines.shards import resolve_shards
-    from polymae.pipelines.stream import Loader, ShardStream
+    from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
     from polymae.shared.masking import build_masker
     from polymae.shared.registry import MODALITIES
 
     modality = MODALITIES.get("image")({"image_size": [8, 8], "patch_size": 2, "channels": 1})
     good = resolve_shards(digits_shards, prefix="train")[0]
-    stream = ShardStream([good, str(tmp_path / "gone.tar")], modality, build_masker("random", 0.75),
-                         batch_size=64, batches_per_epoch=20)  # 20 x 64 > one shard: forces re-reading
+    streams = [StreamSpec("image", modality, build_masker("random", 0.75))]
+    stream = ShardStream([good, str(tmp_path / "gone.tar")], streams, batch_size=64,
+                         batches_per_epoch=20)  # 20 x 64 > one shard: forces re-reading
     batches = list(Loader(stream, num_workers=2))
     assert len(batches) == 20 and all(len(batch) == 64 for batch in batches)
     skipped = sum((Counter(batch.skipped) for batch in batches), Counter())

@@ -5,6 +5,8 @@ downloaded) and fed a real photo (scikit-image's astronaut).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +15,12 @@ transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
 
 from polymae.modalities.image.tokenizer import grid_coords, patchify  # noqa: E402
-from polymae.shared.hf_interop import (fill_hf_sincos_tables, from_hf_vitmae, hf_config_for,  # noqa: E402
-                                       hf_noise_to_mask, model_kwargs_from_hf, to_hf_vitmae)
-from polymae.shared.model import MaskedAutoencoder, ModelConfig  # noqa: E402
-from polymae.shared.objectives import pixel_loss, total_loss  # noqa: E402
+from polymae.modalities.image.hf_interop import (fill_hf_sincos_tables, from_hf_vitmae,  # noqa: E402
+                                                 hf_config_for, hf_noise_to_mask, image_mae,
+                                                 model_kwargs_from_hf, to_hf_vitmae)
+from polymae.shared.model import (DecoderConfig, InputAdapter, MaskedAutoencoder, ModelConfig,  # noqa: E402
+                                  TransformerDecoder, ViTEncoder)
+from polymae.shared.objectives import LossTerms, PixelLoss  # noqa: E402
 from polymae.shared.position import LearnedPosition, SinCosPosition  # noqa: E402
 from polymae.shared.tokens import Mask, collate  # noqa: E402
 
@@ -74,13 +78,13 @@ def polymae_batch(pixels, noise):
     for i in range(pixels.shape[0]):
         tokens = patchify(pixels[i], PATCH)
         mask = Mask.from_scores(noise[i], round(RATIO * N))
-        items.append((tokens, mask, None, f"astronaut-{i}"))
+        items.append(({"image": tokens}, {"image": mask}, None, f"astronaut-{i}"))
     return collate(items)
 
 
 def run_polymae(model, batch, norm_pix):
-    out = model(batch.tokens.values, batch.tokens.coords, batch.mask)
-    loss, _ = total_loss({"pixel": {"weight": 1.0, "norm_pix": norm_pix}}, out, batch)
+    out = model(batch)
+    loss, _ = LossTerms({"pixel": {"weight": 1.0, "norm_pix": norm_pix}}, ["image"])(out, batch)
     return loss, out
 
 
@@ -99,9 +103,9 @@ def test_same_loss_and_reconstruction(pixels, noise, norm_pix, kernels):
     assert torch.equal(hf_out.mask.bool(), batch.mask.hidden)
     assert torch.equal(hf_out.ids_restore, batch.mask.ids_restore)
     assert torch.equal(hf.patchify(pixels), batch.tokens.values)  # same token layout and target
-    torch.testing.assert_close(out["pred"], hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred("image"), hf_out.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, hf_out.loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pixel_loss(out, batch, norm_pix=norm_pix), hf_out.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(PixelLoss("image", norm_pix=norm_pix)(out, batch), hf_out.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_same_gradients(pixels, noise):
@@ -111,7 +115,7 @@ def test_same_gradients(pixels, noise):
     batch = polymae_batch(pixels, noise)
     hf(pixel_values=pixels, noise=noise).loss.backward()
     run_polymae(model, batch, True)[0].backward()
-    grads = MaskedAutoencoder(**model_kwargs_from_hf(hf.config))
+    grads = image_mae(**model_kwargs_from_hf(hf.config))
     with torch.no_grad():
         for (name, param), (_, grad_holder) in zip(model.named_parameters(), grads.named_parameters()):
             grad_holder.copy_(param.grad)
@@ -129,19 +133,19 @@ def test_bf16_autocast_losses_agree(pixels, noise):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hf_loss = hf(pixel_values=pixels, noise=noise).loss
         loss, out = run_polymae(model, batch, True)
-    assert out["pred"].dtype == torch.bfloat16
+    assert out.pred("image").dtype == torch.bfloat16
     torch.testing.assert_close(loss.float(), hf_loss.float(), atol=0, rtol=2e-2)
 
 
 def test_layer_norm_eps_and_architecture_come_from_the_config():
     kwargs = model_kwargs_from_hf(hf_config(True, layer_norm_eps=1e-9))
     cfg = kwargs["config"]
-    assert (kwargs["d_in"], kwargs["num_coords"], kwargs["grid"]) == (PATCH * PATCH * 3, 2, (4, 4))
+    assert (kwargs["d_in"], kwargs["grid"]) == (PATCH * PATCH * 3, (4, 4))
     assert (cfg.width, cfg.depth, cfg.heads, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads) == (
         64, 2, 4, 32, 1, 4)
     assert cfg.layer_norm_eps == 1e-9 and cfg.cls_token and cfg.position == "sincos"
     model = from_hf_vitmae(hf_model(True, layer_norm_eps=1e-9))
-    assert model.blocks[0].norm1.eps == 1e-9 and model.decoder_blocks[0].mlp[0].out_features == 64
+    assert model.encoder.blocks[0].norm1.eps == 1e-9 and model.decoders["image"].blocks[0].mlp[0].out_features == 64
 
 
 def test_masking_noise_matches_hf_for_other_ratios():
@@ -179,13 +183,13 @@ def test_a_non_sincos_table_imports_as_a_learned_one(pixels, noise):
     with torch.no_grad():
         hf.vit.embeddings.position_embeddings[0, 1:] += torch.randn(N, 64) * 0.05
     model = from_hf_vitmae(hf).eval()
-    assert isinstance(model.input_adapter.position, LearnedPosition)
-    assert isinstance(model.decoder_position, SinCosPosition)
+    assert isinstance(model.input_adapters["image"].position, LearnedPosition)
+    assert isinstance(model.decoders["image"].position, SinCosPosition)
     batch = polymae_batch(pixels, noise)
     with torch.no_grad():
         hf_out = hf(pixel_values=pixels, noise=noise)
         loss, out = run_polymae(model, batch, True)
-    torch.testing.assert_close(out["pred"], hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred("image"), hf_out.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, hf_out.loss, atol=1e-5, rtol=1e-5)
 
 
@@ -194,7 +198,7 @@ def test_a_non_sincos_table_imports_as_a_learned_one(pixels, noise):
 def polymae_model(seed: int = 0) -> MaskedAutoencoder:
     torch.manual_seed(seed)
     cfg = ModelConfig(width=64, depth=2, heads=4, decoder_width=32, decoder_depth=1, decoder_heads=4)
-    model = MaskedAutoencoder(PATCH * PATCH * 3, 2, cfg, grid=(4, 4))
+    model = image_mae(PATCH * PATCH * 3, (4, 4), cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1:
@@ -233,7 +237,7 @@ def test_exported_model_reproduces_polymae_in_hf(pixels, noise):
     with torch.no_grad():
         loss, out = run_polymae(model, batch, True)
         hf_out = hf(pixel_values=pixels, noise=noise)
-    torch.testing.assert_close(hf_out.logits, out["pred"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_out.logits, out.pred("image"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hf_out.loss, loss, atol=1e-5, rtol=1e-5)
 
 
@@ -244,23 +248,24 @@ def test_encoder_export_loads_into_vitmae_model(pixels, noise):
     assert not missing and not unexpected
     batch = polymae_batch(pixels, noise)
     with torch.no_grad():
-        latent = run_polymae(model, batch, True)[1]["latent"]
+        latent = run_polymae(model, batch, True)[1].latent
         hf_latent = encoder(pixel_values=pixels, noise=noise).last_hidden_state
     torch.testing.assert_close(hf_latent, latent, atol=1e-5, rtol=1e-5)
     # and a ViTMAEModel's own state dict imports back into polymae's encoder
     again = from_hf_vitmae(encoder.state_dict(), encoder.config)
     for key, value in model.state_dict().items():
-        if not key.startswith(("decoder", "mask_token", "head")):
+        if not key.startswith("decoders."):
             assert torch.equal(again.state_dict()[key], value), key
 
 
 def test_export_refuses_what_hf_cannot_hold():
-    no_cls = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                   decoder_heads=2, cls_token=False), grid=(4, 4))
+    no_cls = image_mae(192, (4, 4), ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                decoder_heads=2, cls_token=False))
     with pytest.raises(ValueError, match="cls token"):
         to_hf_vitmae(no_cls)
-    no_grid = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                    decoder_heads=2))
+    cfg = ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2).resolved()
+    no_grid = MaskedAutoencoder({"image": InputAdapter(192, 32, 2)}, ViTEncoder(cfg),   # tokens off any grid
+                                {"image": TransformerDecoder(32, 192, 2, cfg, DecoderConfig())}, cfg)
     with pytest.raises(ValueError, match="grid"):
         to_hf_vitmae(no_grid)
     with pytest.raises(ValueError, match="hidden_act"):
@@ -291,7 +296,7 @@ def test_a_recipe_starts_from_a_local_hf_folder(tmp_path, pixels, noise):
     with torch.no_grad():
         loss, out = run_polymae(parts.model.eval(), batch, True)
         hf_out = hf(pixel_values=pixels, noise=noise)
-    torch.testing.assert_close(out["pred"], hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred("image"), hf_out.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, hf_out.loss, atol=1e-5, rtol=1e-5)
     # a recipe that does not describe the checkpoint says which settings would
     with pytest.raises(ConfigError, match=r"model.depth=2.*model.decoder_width=32"):
@@ -321,8 +326,8 @@ def test_a_run_exports_to_a_folder_hf_loads_and_starts_another_run(tmp_path, dig
 
     parts, _ = load_run(run_dir)
     model = parts.model.eval()
-    stream = ShardStream([str(p) for p in sorted(digits_shards.glob("val-*.tar"))], parts.modality,
-                         build_masker("random", 0.75), batch_size=16, train=False)
+    stream = ShardStream([str(p) for p in sorted(digits_shards.glob("val-*.tar"))],
+                         [parts.streams[0]._replace(masker=build_masker("random", 0.75))], batch_size=16, train=False)
     batch = next(iter(Loader(stream, 0)))
     hf = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
     encoder = transformers.ViTMAEModel.from_pretrained(tmp_path / "hf-encoder").eval()
@@ -330,17 +335,18 @@ def test_a_run_exports_to_a_folder_hf_loads_and_starts_another_run(tmp_path, dig
     scores = torch.rand(len(batch), 16, generator=torch.Generator().manual_seed(3))
     mask = hf_noise_to_mask(scores, 0.75)
     with torch.no_grad():
-        out = model(batch.tokens.values, batch.tokens.coords, mask)
-        loss, _ = total_loss(parts.objective, out, type(batch)(tokens=batch.tokens, mask=mask))
+        rescored = dataclasses.replace(batch, mask=mask)
+        out = model(rescored)
+        loss, _ = parts.module.objective(out, rescored)
         hf_out = hf(pixel_values=hf_pixels, noise=scores)
         hf_latent = encoder(pixel_values=hf_pixels, noise=scores).last_hidden_state
-    torch.testing.assert_close(hf_out.logits, out["pred"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_out.logits, out.pred("image"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hf_out.loss, loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hf_latent, out["latent"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_latent, out.latent, atol=1e-5, rtol=1e-5)
 
     for source in (tmp_path / "hf", run_dir, tmp_path / "hf-encoder"):
         started = build_parts(load_config(None, recipe + [f"model.init_from={source}"])).model
         for key, value in model.state_dict().items():
-            if source.name == "hf-encoder" and key.startswith(("decoder", "mask_token", "head")):
+            if source.name == "hf-encoder" and key.startswith("decoders."):
                 continue  # an encoder checkpoint leaves the decoder at its fresh initialisation
             assert torch.equal(started.state_dict()[key], value), (source, key)

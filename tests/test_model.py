@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from polymae.modalities.image.hf_interop import image_mae
 from polymae.modalities.image.tokenizer import grid_coords, patchify
 from polymae.shared.masking import build_masker
-from polymae.shared.model import MaskedAutoencoder, ModelConfig
+from polymae.shared.model import ModelConfig
 from polymae.shared.position import SinCosPosition, sincos_1d
-from polymae.shared.tokens import collate
+from polymae.shared.tokens import Batch, Tokens, collate
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -28,19 +29,30 @@ def batch():
         image = torch.from_numpy(array).permute(2, 0, 1).float() / 255
         tokens = patchify(image, PATCH)
         mask = build_masker("random", 0.75)(tokens, torch.Generator().manual_seed(i))
-        items.append((tokens, mask, None, f"img{i}"))
+        items.append(({"image": tokens}, {"image": mask}, None, f"img{i}"))
     return collate(items)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MaskedAutoencoder(d_in=PATCH * PATCH * 3, num_coords=2, config=SMALL).eval()
+    return image_mae(PATCH * PATCH * 3, (12, 8), SMALL).eval()
+
+
+def as_batch(values, coords, mask, valid=None, grid=(8, 12)):
+    """One image stream of these tokens under `mask`, as the model reads a batch."""
+    return Batch(streams={"image": Tokens(values=values, coords=coords, valid=valid, grid=grid)}, mask=mask)
 
 
 def run(model, values, coords, mask, valid=None):
     with torch.no_grad():
-        return model(values, coords, mask, valid)
+        return model(as_batch(values, coords, mask, valid))
+
+
+def encode_all(model, values, coords, valid=None):
+    """The encoder's output on every given token ([cls] + tokens), with `valid` as its key-padding mask."""
+    with torch.no_grad():
+        return model.encoder(model.input_adapters["image"](Tokens(values=values, coords=coords)), valid)[0]
 
 
 def test_output_shapes(model, batch):
@@ -48,20 +60,20 @@ def test_output_shapes(model, batch):
     out = run(model, values, coords, mask)
     b, n, d = values.shape
     assert (b, n, d) == (2, 96, 192)
-    assert out["pred"].shape == (b, n, d)
+    assert out.pred("image").shape == (b, n, d)
     assert mask.num_visible == 96 - 72
     # the encoder got [cls] + the visible tokens only
-    assert out["latent"].shape == (b, 1 + mask.num_visible, SMALL.width)
-    assert torch.isfinite(out["pred"]).all()
+    assert out.latent.shape == (b, 1 + mask.num_visible, SMALL.width)
+    assert torch.isfinite(out.pred("image")).all()
 
 
 def test_no_cls_token(batch):
     torch.manual_seed(0)
-    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                  decoder_heads=2, cls_token=False)).eval()
+    model = image_mae(192, (12, 8), ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                decoder_heads=2, cls_token=False)).eval()
     out = run(model, batch.tokens.values, batch.tokens.coords, batch.mask)
-    assert out["latent"].shape == (2, batch.mask.num_visible, 32)
-    assert out["pred"].shape == (2, 96, 192)
+    assert out.latent.shape == (2, batch.mask.num_visible, 32)
+    assert out.pred("image").shape == (2, 96, 192)
 
 
 def test_encoder_never_sees_hidden_tokens(model, batch):
@@ -73,17 +85,17 @@ def test_encoder_never_sees_hidden_tokens(model, batch):
     changed[0, hidden_i] = torch.rand(values.shape[-1], generator=torch.Generator().manual_seed(1)) * 10 - 5
     changed[1, mask.ids_hidden[1]] = 0.0  # wipe every hidden token of the second sample
     out = run(model, changed, coords, mask)
-    assert torch.equal(out["latent"], base["latent"])
+    assert torch.equal(out.latent, base.latent)
     # the decoder only knows hidden places through mask tokens and positions, so predictions don't change either
-    assert torch.equal(out["pred"], base["pred"])
+    assert torch.equal(out.pred("image"), base.pred("image"))
 
     visible_i = int(mask.ids_keep[0, 3])
     changed = values.clone()
     changed[0, visible_i] += 0.5
     out = run(model, changed, coords, mask)
-    assert not torch.allclose(out["latent"][0], base["latent"][0])
-    assert torch.equal(out["latent"][1], base["latent"][1])  # samples don't mix
-    assert not torch.allclose(out["pred"][0], base["pred"][0])
+    assert not torch.allclose(out.latent[0], base.latent[0])
+    assert torch.equal(out.latent[1], base.latent[1])  # samples don't mix
+    assert not torch.allclose(out.pred("image")[0], base.pred("image")[0])
 
 
 def test_visible_positions_matter(model, batch):
@@ -92,7 +104,7 @@ def test_visible_positions_matter(model, batch):
     base = run(model, values, coords, mask)
     moved = coords.clone()
     moved[0, int(mask.ids_keep[0, 0])] += torch.tensor([1.0, 0.0])
-    assert not torch.allclose(run(model, values, moved, mask)["latent"][0], base["latent"][0])
+    assert not torch.allclose(run(model, values, moved, mask).latent[0], base.latent[0])
 
 
 def test_latent_is_the_encoding_of_the_visible_tokens(model, batch):
@@ -100,9 +112,8 @@ def test_latent_is_the_encoding_of_the_visible_tokens(model, batch):
     ids = mask.ids_keep
     visible = torch.gather(values, 1, ids.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
     visible_coords = torch.gather(coords, 1, ids.unsqueeze(-1).expand(-1, -1, 2))
-    with torch.no_grad():
-        latent = model.encode(visible, visible_coords)
-    torch.testing.assert_close(run(model, values, coords, mask)["latent"], latent)
+    latent = encode_all(model, visible, visible_coords)
+    torch.testing.assert_close(run(model, values, coords, mask).latent, latent)
 
 
 # -- 2D sin-cos position encoding --------------------------------------------------------
@@ -148,11 +159,12 @@ def test_sincos_reads_batched_coords_and_checks_width():
 
 def test_model_adds_the_sincos_table_to_the_embedding(batch):
     torch.manual_seed(0)
-    model = MaskedAutoencoder(192, 2, SMALL)
+    model = image_mae(192, (12, 8), SMALL)
     values, coords = batch.tokens.values[0], batch.tokens.coords[0]
+    adapter = model.input_adapters["image"]
     with torch.no_grad():
-        got = model.input_adapter(values, coords)
-        expected = model.input_adapter.embed(values) + torch.from_numpy(mae_2d_sincos_reference(32, 8, 12)).float()
+        got = adapter(Tokens(values=values, coords=coords))
+        expected = adapter.embed(values) + torch.from_numpy(mae_2d_sincos_reference(32, 8, 12)).float()
     torch.testing.assert_close(got, expected)
 
 
@@ -170,13 +182,12 @@ def test_padding_tokens_do_not_influence_valid_tokens(model, batch):
         return torch.cat([real_values, pad_values], 1), torch.cat([real_coords, pad_coords], 1)
 
     valid = torch.cat([torch.ones(1, n_valid, dtype=torch.bool), torch.zeros(1, n_pad, dtype=torch.bool)], 1)
-    with torch.no_grad():
-        alone = model.encode(real_values, real_coords)                    # no padding at all
-        v1, c1 = padded(1)
-        v2, c2 = padded(2)
-        with_pad_1 = model.encode(v1, c1, valid)
-        with_pad_2 = model.encode(v2, c2, valid)
-        unmasked = model.encode(v1, c1)                                   # padding left visible to attention
+    alone = encode_all(model, real_values, real_coords)                  # no padding at all
+    v1, c1 = padded(1)
+    v2, c2 = padded(2)
+    with_pad_1 = encode_all(model, v1, c1, valid)
+    with_pad_2 = encode_all(model, v2, c2, valid)
+    unmasked = encode_all(model, v1, c1)                                 # padding left visible to attention
     keep = slice(0, 1 + n_valid)  # cls + valid tokens
     torch.testing.assert_close(with_pad_1[:, keep], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(with_pad_2[:, keep], with_pad_1[:, keep], atol=1e-5, rtol=1e-5)
@@ -184,45 +195,55 @@ def test_padding_tokens_do_not_influence_valid_tokens(model, batch):
 
 
 def test_padding_in_the_full_forward(model, batch):
-    """Through forward (encoder on visible tokens, decoder on all): padding content changes no valid output."""
-    values, coords = batch.tokens.values.clone(), batch.tokens.coords.clone()
-    valid = torch.ones(2, 96, dtype=torch.bool)
-    valid[1, 70:] = False  # the second sample has 70 real tokens, 26 padding slots (visible and hidden ones)
-    mask = batch.mask
-    assert bool((~valid[1])[mask.ids_keep[1]].any()) and bool((~valid[1])[mask.ids_hidden[1]].any())
+    """Through forward (encoder on visible tokens, decoder on all): padding content changes no valid output.
+    The second sample has 70 real tokens, padded to the batch's 96: its mask (made on its real tokens)
+    has fewer encoder inputs, so its spare `ids_keep` slots are marked by `keep_valid`."""
+    values, coords = batch.tokens.values, batch.tokens.coords
+    short = Tokens(values=values[1, :70], coords=coords[1, :70])
+    masker = build_masker("random", 0.75)
+    items = [({"image": Tokens(values=values[0], coords=coords[0])},
+              {"image": masker(Tokens(values=values[0], coords=coords[0]), torch.Generator().manual_seed(0))},
+              None, "full"),
+             ({"image": short}, {"image": masker(short, torch.Generator().manual_seed(1))}, None, "short")]
+    padded = collate(items)
+    mask, valid = padded.mask, padded.tokens.valid
+    assert valid[0].all() and valid[1].sum() == 70
+    assert mask.keep_valid is not None and mask.keep_valid[1].sum() < mask.keep_valid[0].sum()
+    assert not (~valid[1])[mask.ids_keep[1][mask.keep_valid[1]]].any()  # padding is never visible
+    values, coords = padded.tokens.values.clone(), padded.tokens.coords.clone()
 
     base = run(model, values, coords, mask, valid)
     values[1, 70:] = torch.randn(26, 192, generator=torch.Generator().manual_seed(3)) * 4
     coords[1, 70:] = 99.0
     out = run(model, values, coords, mask, valid)
-    visible_valid = torch.gather(valid, 1, mask.ids_keep)
-    latent_keep = torch.cat([torch.ones(2, 1, dtype=torch.bool), visible_valid], 1)
-    torch.testing.assert_close(out["latent"][latent_keep], base["latent"][latent_keep], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["pred"][valid], base["pred"][valid], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["pred"][0], base["pred"][0])  # the unpadded sample is untouched
+    latent_keep = torch.cat([torch.ones(2, 1, dtype=torch.bool), mask.keep_valid], 1)
+    torch.testing.assert_close(out.latent[latent_keep], base.latent[latent_keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred("image")[valid], base.pred("image")[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred("image")[0], base.pred("image")[0])  # the unpadded sample is untouched
 
 
 def test_features_pool_over_valid_tokens(model, batch):
     values, coords = batch.tokens.values, batch.tokens.coords
-    feats = model.features(values, coords)
+    feats = model.features(as_batch(values, coords, batch.mask))
     assert feats.shape == (2, SMALL.width)
     valid = torch.ones(2, 96, dtype=torch.bool)
     valid[1, 50:] = False
     padded = values.clone()
     padded[1, 50:] = 7.0
-    got = model.features(padded, coords, valid)
-    alone = model.features(values[1:, :50], coords[1:, :50])
+    got = model.features(as_batch(padded, coords, batch.mask, valid))
+    alone = model.features(as_batch(values[1:, :50], coords[1:, :50], batch.mask))
     torch.testing.assert_close(got[1], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[0], feats[0])
 
 
 def test_gradients_reach_encoder_and_decoder(batch):
     torch.manual_seed(0)
-    model = MaskedAutoencoder(192, 2, SMALL)
-    out = model(batch.tokens.values, batch.tokens.coords, batch.mask)
-    loss = (out["pred"] - batch.tokens.values).pow(2)[batch.mask.hidden].mean()
+    model = image_mae(192, (12, 8), SMALL)
+    out = model(batch)
+    loss = (out.pred("image") - batch.tokens.values).pow(2)[batch.mask.hidden].mean()
     loss.backward()
-    for name in ("input_adapter.embed.weight", "blocks.0.attn.qkv.weight", "cls_token", "mask_token", "head.weight"):
+    for name in ("input_adapters.image.embed.weight", "encoder.blocks.0.attn.qkv.weight", "encoder.cls_token",
+                 "decoders.image.mask_token", "decoders.image.head.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -230,24 +251,25 @@ def test_gradients_reach_encoder_and_decoder(batch):
 def test_learned_position_on_a_square_grid(batch):
     """A learned table gives every patch of a square grid its own row."""
     torch.manual_seed(0)
-    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                  decoder_heads=2, position="learned"), grid=(8, 8)).eval()
+    model = image_mae(192, (8, 8), ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                               decoder_heads=2, position="learned")).eval()
     square = patchify(batch.tokens.values.new_zeros(3, 64, 64), PATCH)  # an 8x8 grid
     one = build_masker("random", 0.75)(square, torch.Generator().manual_seed(0))
-    mask = collate([(square, one, None, "a"), (square, one, None, "b")]).mask
-    out = run(model, batch.tokens.values[:, :64], grid_coords(8, 8).expand(2, 64, 2), mask)
-    assert out["pred"].shape == (2, 64, 192)
-    rows = model.input_adapter.position(grid_coords(8, 8))
+    mask = collate([({"image": square}, {"image": one}, None, key) for key in "ab"]).mask
+    with torch.no_grad():
+        out = model(as_batch(batch.tokens.values[:, :64], grid_coords(8, 8).expand(2, 64, 2), mask, grid=(8, 8)))
+    assert out.pred("image").shape == (2, 64, 192)
+    rows = model.input_adapters["image"].position(grid_coords(8, 8))
     assert torch.unique(rows, dim=0).shape[0] == 64
 
 
 def test_learned_position_on_a_non_square_grid(batch):
     """An 8x12 token grid: coords (x, y) run over (12, 8), the model's grid; every token owns one table row."""
     torch.manual_seed(0)
-    model = MaskedAutoencoder(192, 2, ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
-                                                  decoder_heads=2, position="learned"), grid=(12, 8)).eval()
+    model = image_mae(192, (12, 8), ModelConfig(width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1,
+                                                decoder_heads=2, position="learned")).eval()
     out = run(model, batch.tokens.values, batch.tokens.coords, batch.mask)
-    assert out["pred"].shape == (2, 96, 192)
-    position = model.input_adapter.position
+    assert out.pred("image").shape == (2, 96, 192)
+    position = model.input_adapters["image"].position
     rows = (batch.tokens.coords[0].round().long() * position.strides).sum(-1)
     assert sorted(rows.tolist()) == list(range(96))

@@ -24,14 +24,14 @@ from polymae.modalities.pointcloud.adapters import (Cloud, decode_points, encode
                                                     tile_cloud, write_open3d)
 from polymae.modalities.pointcloud.masking import PointBlockMasker, RadialMasker
 from polymae.modalities.pointcloud.modality import LidarModality, PointCloudModality
-from polymae.modalities.pointcloud.objectives import chamfer_distance, chamfer_loss, occupancy_loss, occupancy_target
+from polymae.modalities.pointcloud.objectives import ChamferLoss, OccupancyLoss, chamfer_distance, occupancy_target
 from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans
 from polymae.modalities.pointcloud.tokenizer import (farthest_point_sample, group, knn, tokenize_points,
                                                      untokenize_points)
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
-from polymae.shared.model import ModelConfig
-from polymae.shared.objectives import total_loss
+from polymae.shared.model import DecoderConfig, ModelConfig, Outputs, build_model
+from polymae.shared.objectives import LossTerms
 from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.registry import MASKERS, MODALITIES, OBJECTIVES
 from polymae.shared.tokens import Batch, Tokens, collate, hidden_count
@@ -419,7 +419,8 @@ def test_registries_and_lidar_defaults():
     with pytest.raises(ConfigError):
         PointCloudModality({"features": ["colour"]})
     with pytest.raises(ConfigError):
-        PointCloudModality().build_model(ModelConfig(position="learned"))
+        build_model({"pointcloud": PointCloudModality()}, {"pointcloud": DecoderConfig()},
+                    ModelConfig(position="learned"))
 
 
 # -- objectives ----------------------------------------------------------------------------------------------
@@ -440,25 +441,32 @@ def test_chamfer_identity_symmetry_and_brute_force(tile_points):
 
 
 def make_batch(modality, samples, masker, seed=0, train=False) -> Batch:
+    """One stream, named after the modality."""
     items = []
     for i, sample in enumerate(samples):
         generator = torch.Generator().manual_seed(seed + i)
         tokens = modality.tokenize(modality.decode(sample), generator, train)
-        items.append((tokens, masker(tokens, generator), None, sample["__key__"]))
+        items.append(({modality.name: tokens}, {modality.name: masker(tokens, generator)}, None, sample["__key__"]))
     return collate(items)
+
+
+def outputs(stream: str, **out) -> Outputs:
+    """A decoder's output for one stream, as the objectives read it."""
+    return Outputs({stream: out}, latent=torch.empty(0))
 
 
 def test_chamfer_loss_reads_hidden_groups_only(tile_samples):
     modality = PointCloudModality({"num_groups": 16, "group_size": 8, "features": ["intensity"]})
     batch = make_batch(modality, tile_samples[:3], build_masker("random", 0.5))
     values = batch.tokens.values
-    assert float(chamfer_loss({"pred": values.clone()}, batch, point_dim=4)) == 0.0
+    chamfer = ChamferLoss("pointcloud")
+    assert float(ChamferLoss("pointcloud", point_dim=4)(outputs("pointcloud", pred=values.clone()), batch)) == 0.0
     noisy = values + torch.randn_like(values)
-    out = {"points": noisy.reshape(3, 16, 8, 4)}
-    loss = chamfer_loss(out, batch)
+    out = outputs("pointcloud", points=noisy.reshape(3, 16, 8, 4))
+    loss = chamfer(out, batch)
     visible_changed = torch.where(batch.mask.hidden.unsqueeze(-1), noisy, values + 5)
-    assert float(chamfer_loss({"points": visible_changed.reshape(3, 16, 8, 4)}, batch)) == float(loss)
-    assert float(chamfer_loss(out, batch, feature_weight=1.0)) > float(loss)
+    assert float(chamfer(outputs("pointcloud", points=visible_changed.reshape(3, 16, 8, 4)), batch)) == float(loss)
+    assert float(ChamferLoss("pointcloud", feature_weight=1.0)(out, batch)) > float(loss)
 
 
 def test_occupancy_target_and_loss(tile_samples):
@@ -468,12 +476,12 @@ def test_occupancy_target_and_loss(tile_samples):
     target = occupancy_target(xyz, 4)
     assert target.shape == (2, 16, 64) and ((target.sum(-1) >= 1) & (target.sum(-1) <= 8)).all()
     logits = torch.zeros(2, 16, 64, requires_grad=True)
-    loss = occupancy_loss({"occupancy": logits, "pred": batch.tokens.values}, batch)
+    loss = OccupancyLoss("lidar")(outputs("lidar", occupancy=logits, pred=batch.tokens.values), batch)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-5)
     loss.backward()
     assert logits.grad[~batch.mask.hidden].abs().max() == 0 and logits.grad[batch.mask.hidden].abs().max() > 0
     with pytest.raises(ConfigError):
-        occupancy_loss({"pred": batch.tokens.values}, batch)
+        OccupancyLoss("lidar")(outputs("lidar", pred=batch.tokens.values), batch)
 
 
 # -- model, training, pictures, pipeline ---------------------------------------------------------------------------
@@ -481,13 +489,15 @@ def test_occupancy_target_and_loss(tile_samples):
 
 def train_steps(modality, samples, masker_name, ratio, steps, lr=2e-3):
     torch.manual_seed(0)
-    model = modality.build_model(SMALL)
+    stream = modality.name
+    model = build_model({stream: modality}, {stream: DecoderConfig()}, SMALL)
+    objective = LossTerms(modality.default_objective, [stream])
     batch = make_batch(modality, samples, build_masker(masker_name, ratio))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        out = model(batch.tokens.values, batch.tokens.coords, batch.mask)
-        loss, _ = total_loss(modality.default_objective, out, batch)
+        out = model(batch)
+        loss, _ = objective(out, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -499,9 +509,10 @@ def test_a_few_steps_on_real_tiles_lower_the_chamfer_loss(tile_samples):
     modality = PointCloudModality({"num_points": 512, "num_groups": 32, "group_size": 16, "group_scale": 0.1,
                                    "embed_hidden": 64})
     model, batch, out, losses = train_steps(modality, tile_samples[::6][:12], "random", 0.6, 30)
-    assert out["pred"].shape == batch.tokens.values.shape and out["points"].shape == (12, 32, 16, 3)
+    assert out.pred("pointcloud").shape == batch.tokens.values.shape
+    assert out.streams["pointcloud"]["points"].shape == (12, 32, 16, 3)
     assert losses[-1] < 0.5 * losses[0], losses
-    picture = modality.render(batch.tokens, batch.mask, out["pred"].detach(), rows=3)
+    picture = modality.render(batch.tokens, batch.stream_mask("pointcloud")[0], out.pred("pointcloud").detach(), rows=3)
     assert picture.size == (9 * 160, 3 * 160 + 14)
     pixels = np.asarray(picture)
     assert ((pixels[14:, 6 * 160:] == [220, 40, 40]).all(-1)).sum() > 100   # predicted points drawn in red
@@ -511,19 +522,20 @@ def test_a_few_steps_on_real_sweeps_lower_chamfer_plus_occupancy(sweep_samples):
     lidar = LidarModality({"num_points": 512, "num_groups": 32, "group_size": 16, "group_scale": 0.1,
                            "embed_hidden": 64, "features": ["intensity"]})
     model, batch, out, losses = train_steps(lidar, sweep_samples[::3][:12], "radial", 0.75, 30)
-    assert out["occupancy"].shape == (12, 32, 64)
+    assert out.streams["lidar"]["occupancy"].shape == (12, 32, 64)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_shards_stream_into_batches(tile_samples, tmp_path):
     from polymae.pipelines.shards import write_shards
-    from polymae.pipelines.stream import ShardStream
+    from polymae.pipelines.stream import ShardStream, StreamSpec
 
     modality = PointCloudModality({"num_groups": 16, "group_size": 8})
     manifest = write_shards(tile_samples[:10], tmp_path, validate=modality.decode, modality="pointcloud")
     assert manifest["total"] == 10
-    stream = ShardStream([str(tmp_path / s["name"]) for s in manifest["shards"]], modality,
-                         build_masker("point_block", 0.6), batch_size=4, train=True)
+    stream = ShardStream([str(tmp_path / s["name"]) for s in manifest["shards"]],
+                         [StreamSpec("pointcloud", modality, build_masker("point_block", 0.6))], batch_size=4,
+                         train=True)
     batches = list(stream)
     assert sum(len(b) for b in batches) == 10
     assert batches[0].tokens.values.shape == (4, 16, 24) and int(batches[0].mask.hidden[0].sum()) == 10

@@ -18,7 +18,7 @@ from PIL import Image
 
 from polymae.modalities.image import ImageModality
 from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
-from polymae.pipelines.stream import Loader, ShardStream
+from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
 from polymae.pipelines.transport import BatchRing, BlockView, Packed
 from polymae.shared.errors import BadInput
 from polymae.shared.masking import build_masker
@@ -37,6 +37,11 @@ def modality() -> ImageModality:
 @pytest.fixture(scope="module")
 def masker():
     return build_masker("random", 0.75)
+
+
+def one_stream(modality, masker) -> list[StreamSpec]:
+    """The stream list of single-image records: one stream, named image."""
+    return [StreamSpec("image", modality, masker)]
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +171,12 @@ def test_shard_source_splits_deterministically(digits_shards, tmp_path, modality
 def test_an_epoch_delivers_every_key_once_and_is_deterministic(digits, modality, masker, all_keys):
     out, _ = digits
     shards = resolve_shards(out)
-    evaluation = read_epoch(ShardStream(shards, modality, masker, batch_size=64, train=False), num_workers=2)
+    evaluation = read_epoch(ShardStream(shards, one_stream(modality, masker), batch_size=64, train=False),
+                            num_workers=2)
     assert sorted(evaluation["keys"]) == sorted(all_keys) and len(evaluation["keys"]) == NUM_DIGITS
     assert evaluation["skipped"] == Counter() and evaluation["empty_batches"] == 0
 
-    stream = ShardStream(shards, modality, masker, batch_size=64, train=True, shuffle_buffer=300, seed=7)
+    stream = ShardStream(shards, one_stream(modality, masker), batch_size=64, train=True, shuffle_buffer=300, seed=7)
     first = read_epoch(stream, num_workers=2)
     assert sorted(first["keys"]) == sorted(all_keys)
     assert read_epoch(stream, num_workers=2)["keys"] == first["keys"]  # same epoch: same order
@@ -189,7 +195,7 @@ def test_an_epoch_delivers_every_key_once_and_is_deterministic(digits, modality,
 
 def test_one_loader_with_persistent_workers_follows_set_epoch(digits, modality, masker, all_keys):
     """Workers live from one epoch to the next and read the epoch the main process sets."""
-    stream = ShardStream(resolve_shards(digits[0]), modality, masker, batch_size=64, train=True,
+    stream = ShardStream(resolve_shards(digits[0]), one_stream(modality, masker), batch_size=64, train=True,
                          shuffle_buffer=300, seed=7)
     loader = Loader(stream, num_workers=2)
     epochs = []
@@ -212,7 +218,8 @@ def test_bad_records_are_skipped_counted_and_good_ones_all_arrive(tmp_path, moda
         + good[1500:]
     manifest = write_shards(samples, tmp_path, max_count=MAX_COUNT)  # no validation: the bad ones are written
     assert manifest["total"] == NUM_DIGITS + 3
-    stream = ShardStream(resolve_shards(tmp_path), modality, masker, batch_size=64, train=True, shuffle_buffer=200)
+    stream = ShardStream(resolve_shards(tmp_path), one_stream(modality, masker), batch_size=64, train=True,
+                         shuffle_buffer=200)
     epoch = read_epoch(stream, num_workers=2)
     assert sorted(epoch["keys"]) == sorted(sample["__key__"] for sample in good)
     assert epoch["skipped"] == Counter({"corrupt_image": 2, "missing_payload": 1})
@@ -222,7 +229,7 @@ def test_a_worker_with_only_bad_records_still_reports_them(tmp_path, modality, m
     write_shards(itertools.islice(modality.read_source("digits"), 30), tmp_path, prefix="good")
     write_shards(bad_samples, tmp_path, prefix="bad")
     shards = resolve_shards(tmp_path, prefix="good") + resolve_shards(tmp_path, prefix="bad")
-    epoch = read_epoch(ShardStream(shards, modality, masker, batch_size=8, train=False), num_workers=2)
+    epoch = read_epoch(ShardStream(shards, one_stream(modality, masker), batch_size=8, train=False), num_workers=2)
     assert len(epoch["keys"]) == 30
     assert epoch["empty_batches"] == 1  # the second worker's skip report
     assert epoch["skipped"] == Counter({"corrupt_image": 2, "missing_payload": 1})
@@ -247,7 +254,7 @@ def test_truncated_and_missing_shards_are_counted_and_the_rest_arrive(digits, tm
     missing = tmp_path / "train-000099.tar"
     all_shards = [str(path) for path in shards] + [str(missing)]
 
-    epoch = read_epoch(ShardStream(all_shards, modality, masker, batch_size=64, train=True), num_workers=2)
+    epoch = read_epoch(ShardStream(all_shards, one_stream(modality, masker), batch_size=64, train=True), num_workers=2)
     assert epoch["skipped"] == Counter({"bad_shard": 2, "missing_shard": 1})
     assert len(epoch["keys"]) == len(set(epoch["keys"]))
     assert set(intact_keys) <= set(epoch["keys"])
@@ -257,13 +264,14 @@ def test_truncated_and_missing_shards_are_counted_and_the_rest_arrive(digits, tm
 def test_resampled_stream_is_endless_and_drops_unreadable_shards(digits, modality, masker, tmp_path):
     out, _ = digits
     shards = resolve_shards(out) + [str(tmp_path / "gone.tar")]
-    stream = ShardStream(shards, modality, masker, batch_size=32, resampled=True, shuffle_buffer=100)
+    stream = ShardStream(shards, one_stream(modality, masker), batch_size=32, resampled=True, shuffle_buffer=100)
     batches = list(itertools.islice(Loader(stream, num_workers=2), 80))  # 2,560 samples > one pass
     assert all(len(batch) == 32 for batch in batches if len(batch))
     assert sum(batch.skipped.get("missing_shard", 0) for batch in batches) <= 2  # once per worker at most
     assert len({key for batch in batches for key in batch.keys}) > NUM_DIGITS // 2
     with pytest.raises(ValueError, match="none of the 1 shards can be read"):
-        next(iter(ShardStream([str(tmp_path / "gone.tar")], modality, masker, batch_size=4, resampled=True)))
+        next(iter(ShardStream([str(tmp_path / "gone.tar")], one_stream(modality, masker), batch_size=4,
+                              resampled=True)))
 
 
 # -- finding shards -----------------------------------------------------------------------------------------
@@ -291,7 +299,7 @@ def test_a_workers_batches_cross_in_a_reused_shared_block_of_uint8_pixels(digits
     """A worker stacks each batch into a block of its shared-memory ring, pixels still uint8; only
     a slot's first batch carries the block, later ones a description of their tensors in it.
     The Loader's finish turns the pixels into the same floats an in-process read gives."""
-    stream = ShardStream(resolve_shards(digits[0]), modality, masker, batch_size=64, train=False)
+    stream = ShardStream(resolve_shards(digits[0]), one_stream(modality, masker), batch_size=64, train=False)
     loader = Loader(stream, num_workers=1)
     messages = []
     for message in loader.loader:  # as they arrive, then unpacked and released as the Loader does
@@ -321,7 +329,7 @@ def test_a_workers_batches_cross_in_a_reused_shared_block_of_uint8_pixels(digits
 def test_spawned_workers_deliver_what_forked_ones_do(digits, modality):
     """Spawned workers (macOS's default, and CUDA runs') receive the stream pickled, ColorMAE
     masker and shared-memory ring included, and deliver the same batches."""
-    stream = ShardStream(resolve_shards(digits[0]), modality, build_masker("green", 0.75), batch_size=256,
+    stream = ShardStream(resolve_shards(digits[0]), one_stream(modality, build_masker("green", 0.75)), batch_size=256,
                          train=True, shuffle_buffer=300, seed=3)
     forked = {key: (b.tokens.values[i], b.mask.hidden[i]) for b in Loader(stream, num_workers=2)
               for i, key in enumerate(b.keys)}
@@ -342,7 +350,8 @@ class RawPixels(ImageModality):
 
 def test_batches_that_need_no_finishing_are_copied_out_before_their_slot_is_reused(digits, masker):
     raw = RawPixels({"image_size": [8, 8], "patch_size": 2, "channels": 1, "hflip": False})
-    stream = ShardStream(resolve_shards(digits[0]), raw, masker, batch_size=32, train=True, shuffle_buffer=100)
+    stream = ShardStream(resolve_shards(digits[0]), one_stream(raw, masker), batch_size=32, train=True,
+                         shuffle_buffer=100)
     kept = list(Loader(stream, num_workers=2))  # ~57 batches through 2 workers x 6 slots, all held
     in_process = {key: (b.tokens.values[i], b.mask.hidden[i]) for b in Loader(stream, num_workers=0)
                   for i, key in enumerate(b.keys)}
@@ -362,7 +371,7 @@ def test_a_ring_slot_is_written_only_when_free_and_grows_for_a_bigger_batch(moda
     for sample in samples:
         generator = torch.Generator().manual_seed(0)
         tokens = modality.tokenize(modality.decode(sample), generator, train=False)
-        items.append((tokens, masker(tokens, generator), None, sample["__key__"]))
+        items.append(({"image": tokens}, {"image": masker(tokens, generator)}, None, sample["__key__"]))
     ring = BatchRing(num_workers=1, slots=2)
     writer = ring.writer(0)
     writer.new_pass()

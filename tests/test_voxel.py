@@ -6,6 +6,7 @@ radiance objective, spconv sparse convolution against dense conv3d, and a
 few training steps of the ViT and the SparK sparse encoder."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,12 +22,12 @@ from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_te
 from polymae.modalities.voxel import adapters
 from polymae.modalities.voxel.masking import VoxelAwareMasker, class_split
 from polymae.modalities.voxel.modality import VoxelModality, crop_or_pad
-from polymae.modalities.voxel.objectives import radiance_loss
+from polymae.modalities.voxel.objectives import RadianceLoss
 from polymae.modalities.voxel.tokenizer import grid_coords_3d, patch_occupancy, patchify_3d, unpatchify_3d
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
-from polymae.shared.model import ModelConfig
-from polymae.shared.objectives import total_loss
+from polymae.shared.model import DecoderConfig, ModelConfig, Outputs, build_model
+from polymae.shared.objectives import LossTerms
 from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.registry import MASKERS, MODALITIES, OBJECTIVES
 from polymae.shared.tokens import Batch, Tokens, collate, hidden_count
@@ -77,8 +78,18 @@ def lidar_batch(modality, samples, masker, count=8, seed=0) -> Batch:
     for i, sample in enumerate(samples[:count]):
         generator = torch.Generator().manual_seed(seed + i)
         tokens = modality.tokenize(modality.decode(sample), generator, train=False)
-        items.append((tokens, masker(tokens, generator), None, sample["__key__"]))
+        items.append(({"voxel": tokens}, {"voxel": masker(tokens, generator)}, None, sample["__key__"]))
     return collate(items)
+
+
+def voxel_model(modality: VoxelModality, config: ModelConfig):
+    """The model of one voxel stream (`model.encoder` picks the ViT or SparK's sparse CNN)."""
+    return build_model({"voxel": modality}, {"voxel": DecoderConfig()}, config)
+
+
+def with_values(batch: Batch, values: torch.Tensor) -> Batch:
+    """The same batch (mask and coords) with other token values."""
+    return dataclasses.replace(batch, streams={"voxel": dataclasses.replace(batch.tokens, values=values)})
 
 
 # -- built-in sources ------------------------------------------------------------------------------------
@@ -259,7 +270,7 @@ def test_folder_source_voxelises_scans_and_rejects_bad_files(tmp_path, brain_sam
 def test_voxel_options_are_validated():
     for options, match in [({"grid_size": [30, 32, 16], "patch_size": 4}, "multiple of patch_size"),
                            ({"channels": 4, "density_channel": 4}, "density_channel"),
-                           ({"encoder": "swin"}, "vit, sparse"), ({"grid_size": [8, 8]}, "3 values")]:
+                           ({"grid_size": [8, 8]}, "3 values")]:
         with pytest.raises(ConfigError, match=match):
             VoxelModality(options)
     assert VoxelModality({"channels": 4, "density_channel": -1}).options.density_channel == 3
@@ -305,13 +316,13 @@ def test_tokenize_untokenize_round_trip_and_occupancy(brain_samples, brain, lida
     assert tokens.values.shape == (512, 64) and tokens.grid == (8, 8, 8)
     assert torch.equal(brain.untokenize(tokens), grid[:, 16:48, 16:48, 16:48])
     occupied = tokens.values.amax(dim=-1) > 0.05
-    assert torch.equal(tokens.foreground, occupied) and 0 < occupied.sum() < 512
+    assert torch.equal(tokens.fields["foreground"], occupied) and 0 < occupied.sum() < 512
 
     tile = torch.from_numpy(grid_of(lidar_samples[0]))
     tokens = lidar.tokenize(tile, torch.Generator().manual_seed(0), train=False)
     assert torch.equal(lidar.untokenize(tokens), tile)
-    assert torch.equal(tokens.foreground, patch_occupancy(tokens.values, 4, 3, 0.0))
-    assert torch.equal(tokens.foreground, tokens.values.view(256, 64, 4)[..., 3].amax(-1) > 0)
+    assert torch.equal(tokens.fields["foreground"], patch_occupancy(tokens.values, 4, 3, 0.0))
+    assert torch.equal(tokens.fields["foreground"], tokens.values.view(256, 64, 4)[..., 3].amax(-1) > 0)
 
     trained = [brain.tokenize(grid, torch.Generator().manual_seed(s), train=True).values for s in range(4)]
     assert any(not torch.equal(trained[0], other) for other in trained[1:])          # random crops and flips
@@ -342,7 +353,7 @@ def test_voxel_aware_masker_exact_count_and_foreground_ratio(lidar, lidar_sample
     target = ratio if foreground_ratio is None else foreground_ratio
     for i, tokens in enumerate(real_tokens(lidar, lidar_samples)):
         mask = masker(tokens, torch.Generator().manual_seed(i))
-        n, fg = tokens.num_tokens, tokens.foreground
+        n, fg = tokens.num_tokens, tokens.fields["foreground"]
         total = hidden_count(n, ratio)
         assert mask.hidden.sum() == total == n - mask.num_visible
         assert mask.num_visible >= 1
@@ -361,9 +372,9 @@ def test_voxel_aware_masker_background_ratio(lidar, lidar_samples):
     masker = build_masker("voxel_aware", 0.9, background_ratio=0.98)
     for i, tokens in enumerate(real_tokens(lidar, lidar_samples)):
         mask = masker(tokens, torch.Generator().manual_seed(i))
-        bg = ~tokens.foreground
+        bg = ~tokens.fields["foreground"]
         want, total = round(0.98 * int(bg.sum())), hidden_count(tokens.num_tokens, 0.9)
-        if want <= total and total - want <= int(tokens.foreground.sum()):
+        if want <= total and total - want <= int(tokens.fields["foreground"].sum()):
             assert int((mask.hidden & bg).sum()) == want
         assert mask.hidden.sum() == total
 
@@ -377,13 +388,13 @@ def test_voxel_aware_masks_favour_occupied_patches_and_batch(lidar, lidar_sample
     items, fg_aware, fg_random = [], 0, 0
     for i, t in enumerate(tokens):
         mask = aware(t, torch.Generator().manual_seed(i))
-        fg_aware += int((~mask.hidden & t.foreground).sum())
-        fg_random += int((~plain(t, torch.Generator().manual_seed(i)).hidden & t.foreground).sum())
-        items.append((t, mask, None, str(i)))
+        fg_aware += int((~mask.hidden & t.fields["foreground"]).sum())
+        fg_random += int((~plain(t, torch.Generator().manual_seed(i)).hidden & t.fields["foreground"]).sum())
+        items.append(({"voxel": t}, {"voxel": mask}, None, str(i)))
     assert fg_aware > 2 * fg_random
     batch = collate(items)
     assert batch.mask.hidden.shape == (8, 256) and batch.mask.num_visible == 256 - hidden_count(256, 0.99) == 3
-    assert batch.tokens.foreground.shape == (8, 256)
+    assert batch.tokens.fields["foreground"].shape == (8, 256)
 
 
 def test_voxel_aware_masker_seeding_and_values_fallback(lidar, lidar_samples):
@@ -428,11 +439,12 @@ def test_radiance_objective_weights_colour_by_opacity(lidar, lidar_samples):
     voxels = values.view(4, 256, 64, 4)
 
     def loss(pred, **options):
-        return radiance_loss({"pred": pred}, batch, **{"channels": 4, "density_channel": 3, **options}).item()
+        term = RadianceLoss("voxel", **{"channels": 4, "density_channel": 3, **options})
+        return term(Outputs({"voxel": {"pred": pred}}, latent=torch.empty(0)), batch).item()
 
     assert loss(values.clone()) == 0.0
     hidden = batch.mask.hidden
-    b, n = (hidden & batch.tokens.foreground).nonzero()[0].tolist()       # a hidden, occupied patch
+    b, n = (hidden & batch.tokens.fields["foreground"]).nonzero()[0].tolist()       # a hidden, occupied patch
     density = voxels[b, n, :, 3]
     empty_v, dense_v = int((density == 0).nonzero()[0]), int(density.argmax())
     n_hidden = int(hidden.sum())
@@ -456,7 +468,7 @@ def test_radiance_objective_weights_colour_by_opacity(lidar, lidar_samples):
     assert loss(perturbed(0, 3, token=visible)) == 0.0                     # visible patches cost nothing
     with pytest.raises(ValueError, match="channels"):
         loss(values, channels=3)
-    assert OBJECTIVES.get("radiance") is radiance_loss
+    assert OBJECTIVES.get("radiance") is RadianceLoss
     assert lidar.default_objective == {"radiance": {"weight": 1.0, "channels": 4, "density_channel": 3,
                                                     "alpha": "opacity", "step": 1.0}}
 
@@ -465,11 +477,13 @@ def test_radiance_objective_on_density_only_grids_is_mse(brain_samples, brain):
     items = []
     for i, sample in enumerate(brain_samples[:2]):
         tokens = brain.tokenize(brain.decode(sample), torch.Generator().manual_seed(i), train=False)
-        items.append((tokens, build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i)), None, str(i)))
+        mask = build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i))
+        items.append(({"voxel": tokens}, {"voxel": mask}, None, str(i)))
     batch = collate(items)
     noise = torch.randn(batch.tokens.values.shape, generator=torch.Generator().manual_seed(0))
     pred = batch.tokens.values + 0.1 * noise
-    got = radiance_loss({"pred": pred}, batch, channels=1, density_channel=0)
+    got = RadianceLoss("voxel", channels=1, density_channel=0)(Outputs({"voxel": {"pred": pred}}, torch.empty(0)),
+                                                               batch)
     per_token = (pred - batch.tokens.values).pow(2).mean(-1)
     assert got.item() == pytest.approx(per_token[batch.mask.hidden].mean().item(), rel=1e-5)
 
@@ -539,42 +553,45 @@ def small_config(width: int, **extra) -> ModelConfig:
 
 
 def test_sparse_autoencoder_never_sees_hidden_patches(spconv_parts, brain_samples):
-    modality = VoxelModality({"grid_size": [32, 32, 32], "patch_size": 4, "channels": 1, "encoder": "sparse"})
+    modality = VoxelModality({"grid_size": [32, 32, 32], "patch_size": 4, "channels": 1})
     torch.manual_seed(0)
-    model = modality.build_model(small_config(16)).eval()
+    model = voxel_model(modality, small_config(16, encoder="sparse_cnn")).eval()
     items = []
     for i, sample in enumerate(brain_samples[:2]):
         tokens = modality.tokenize(modality.decode(sample), torch.Generator().manual_seed(i), train=False)
-        items.append((tokens, build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i)), None, str(i)))
+        mask = build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i))
+        items.append(({"voxel": tokens}, {"voxel": mask}, None, str(i)))
     batch = collate(items)
-    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
-    out = model(values, coords, mask)
-    assert out["pred"].shape == values.shape
-    assert out["latent"].shape == (2, mask.num_visible, 16)
+    values, mask = batch.tokens.values, batch.mask
+    out = model(batch)
+    assert out.pred("voxel").shape == values.shape
+    assert out.latent.shape == (2, mask.num_visible, 16)
     scrambled = torch.where(mask.hidden.unsqueeze(-1), torch.rand_like(values), values)
-    assert torch.allclose(model(scrambled, coords, mask)["pred"], out["pred"], rtol=0, atol=1e-6)
+    assert torch.allclose(model(with_values(batch, scrambled)).pred("voxel"), out.pred("voxel"), rtol=0, atol=1e-6)
     changed = torch.where(mask.hidden.unsqueeze(-1), values, values + 0.5)
-    assert not torch.allclose(model(changed, coords, mask)["pred"], out["pred"])
-    assert model.features(values, coords).shape == (2, 32)
+    assert not torch.allclose(model(with_values(batch, changed)).pred("voxel"), out.pred("voxel"))
+    assert model.features(batch).shape == (2, 32)
 
 
 def test_encoder_choice_and_3d_position_encodings(brain, brain_samples):
     from polymae.shared.model import MaskedAutoencoder
     from polymae.shared.position import LearnedPosition, SinCosPosition
 
-    model = brain.build_model(small_config(48))
-    assert isinstance(model, MaskedAutoencoder) and isinstance(model.input_adapter.position, SinCosPosition)
+    model = voxel_model(brain, small_config(48))
+    assert isinstance(model, MaskedAutoencoder) and isinstance(model.input_adapters["voxel"].position, SinCosPosition)
     with pytest.raises(ConfigError, match="multiple of 6"):
-        brain.build_model(small_config(64))
+        voxel_model(brain, small_config(64))
+    with pytest.raises(ConfigError, match="unknown encoder 'swin'.*sparse_cnn.*vit"):
+        voxel_model(brain, small_config(48, encoder="swin"))
     tokens = brain.tokenize(brain.decode(brain_samples[0]), torch.Generator().manual_seed(0), train=False)
-    table = model.input_adapter.position(tokens.coords)                 # [512, 48]: 16 dims per axis
+    table = model.input_adapters["voxel"].position(tokens.coords)                 # [512, 48]: 16 dims per axis
     same_xy = (tokens.coords[:, 0] == 3) & (tokens.coords[:, 1] == 5)   # a column of tokens along z
     column = table[same_xy]
     assert torch.equal(column[:, :32], column[:1, :32].expand(len(column), -1))   # x and y parts constant
     assert len(set(map(tuple, column[:, 32:].tolist()))) == len(column)           # z part differs
 
-    learned = brain.build_model(small_config(48, position="learned"))
-    position = learned.input_adapter.position
+    learned = voxel_model(brain, small_config(48, position="learned"))
+    position = learned.input_adapters["voxel"].position
     assert isinstance(position, LearnedPosition) and position.table.shape[0] == 512
     rows = position(tokens.coords)                                         # coords (x, y, z) index the table
     assert torch.equal(rows, position.table)                                # ... in token order, exactly once
@@ -583,9 +600,10 @@ def test_encoder_choice_and_3d_position_encodings(brain, brain_samples):
 # -- training on real grids ---------------------------------------------------------------------------------
 
 def train_steps(modality, model, batch, objective, steps, lr):
+    terms = LossTerms(objective, ["voxel"])
+
     def loss_of():
-        out = model(batch.tokens.values, batch.tokens.coords, batch.mask)
-        return total_loss(objective, out, batch)[0]
+        return terms(model(batch), batch)[0]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     with torch.no_grad():
@@ -600,32 +618,33 @@ def train_steps(modality, model, batch, objective, steps, lr):
     return before, after
 
 
-@pytest.mark.parametrize("encoder", ["vit", "sparse"])
+@pytest.mark.parametrize("encoder", ["vit", "sparse_cnn"])
 def test_a_few_steps_on_real_lidar_grids_lower_the_loss(lidar_samples, encoder):
-    if encoder == "sparse":
+    if encoder == "sparse_cnn":
         pytest.importorskip("spconv", reason="the sparse encoder needs spconv (the voxel extra)")
-    modality = VoxelModality({"grid_size": list(LIDAR_TILE), "patch_size": 4, "channels": 4, "encoder": encoder})
+    modality = VoxelModality({"grid_size": list(LIDAR_TILE), "patch_size": 4, "channels": 4})
     masker = build_masker("voxel_aware", 0.9, foreground_ratio=0.75)
     batch = lidar_batch(modality, lidar_samples, masker, count=6)
     torch.manual_seed(0)
-    model = modality.build_model(small_config(48 if encoder == "vit" else 16))
+    model = voxel_model(modality, small_config(48 if encoder == "vit" else 16, encoder=encoder))
     before, after = train_steps(modality, model, batch, modality.default_objective, steps=15, lr=2e-3)
     assert math.isfinite(after) and after < 0.7 * before, (before, after)
 
 
-@pytest.mark.parametrize("encoder", ["vit", "sparse"])
+@pytest.mark.parametrize("encoder", ["vit", "sparse_cnn"])
 def test_a_few_steps_on_real_brain_grids_lower_the_loss(brain_samples, encoder):
-    if encoder == "sparse":
+    if encoder == "sparse_cnn":
         pytest.importorskip("spconv", reason="the sparse encoder needs spconv (the voxel extra)")
-    modality = VoxelModality({"grid_size": [32, 32, 32], "patch_size": 8, "channels": 1, "encoder": encoder,
+    modality = VoxelModality({"grid_size": [32, 32, 32], "patch_size": 8, "channels": 1,
                               "occupancy_threshold": 0.05})
     items = []
     for i, sample in enumerate(brain_samples[::4]):
         tokens = modality.tokenize(modality.decode(sample), torch.Generator().manual_seed(i), train=True)
-        items.append((tokens, build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i)), None, str(i)))
+        mask = build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(i))
+        items.append(({"voxel": tokens}, {"voxel": mask}, None, str(i)))
     batch = collate(items)
     torch.manual_seed(0)
-    model = modality.build_model(small_config(48 if encoder == "vit" else 16))
+    model = voxel_model(modality, small_config(48 if encoder == "vit" else 16, encoder=encoder))
     before, after = train_steps(modality, model, batch, modality.default_objective, steps=15, lr=2e-3)
     assert math.isfinite(after) and after < 0.7 * before, (before, after)
 
@@ -635,7 +654,7 @@ def test_a_few_steps_on_real_brain_grids_lower_the_loss(brain_samples, encoder):
 def test_render_draws_original_masked_and_reconstruction(lidar, lidar_samples, brain, brain_samples):
     masker = build_masker("voxel_aware", 0.9, foreground_ratio=0.5)
     batch = lidar_batch(lidar, lidar_samples, masker, count=3)
-    picture = lidar.render(batch.tokens, batch.mask, batch.tokens.values.clone(), rows=2)
+    picture = lidar.render(batch.tokens, batch.stream_mask("voxel")[0], batch.tokens.values.clone(), rows=2)
     array = np.asarray(picture)
     assert picture.mode == "RGB" and array.shape[0] > 50 and array.shape[1] > 3 * array.shape[0] / 2
     from polymae.modalities.voxel.render import GAP_PANEL
@@ -647,8 +666,8 @@ def test_render_draws_original_masked_and_reconstruction(lidar, lidar_samples, b
 
     tokens = brain.tokenize(brain.decode(brain_samples[1]), torch.Generator().manual_seed(0), train=False)
     mask = build_masker("random", 0.6)(tokens, torch.Generator().manual_seed(0))
-    one = collate([(tokens, mask, None, "b")])
-    picture = brain.render(one.tokens, one.mask, torch.zeros_like(one.tokens.values))
+    one = collate([({"voxel": tokens}, {"voxel": mask}, None, "b")])
+    picture = brain.render(one.tokens, one.stream_mask("voxel")[0], torch.zeros_like(one.tokens.values))
     assert np.asarray(picture).std() > 10
 
 
@@ -662,6 +681,7 @@ def test_shipped_voxel_recipes_build(tmp_path):
             pytest.importorskip("spconv", reason="the sparse encoder needs spconv (the voxel extra)")
         config = load_config(recipe, [f"data.shards={tmp_path / 'none'}"])
         parts = build_parts(config)
-        assert type(parts.model).__name__ == model_kind and type(parts.masker).__name__ == masker_kind
-        assert parts.modality.name == "voxel" and list(parts.objective) == ["radiance"]
+        (spec,) = parts.streams
+        assert type(parts.model).__name__ == model_kind and type(spec.masker).__name__ == masker_kind
+        assert spec.modality.name == "voxel" and list(parts.objective) == ["radiance"]
         assert sum(p.numel() for p in parts.model.parameters()) < 2_000_000
