@@ -84,7 +84,7 @@ def cmd_info(args) -> None:
     import polymae.shared.masking  # noqa: F401  (registers the generic maskers)
     import polymae.shared.objectives  # noqa: F401  (registers the generic objectives)
     from polymae.shared.config import shipped_configs
-    from polymae.shared.registry import MASKERS, MODALITIES, MODEL_SIZES, OBJECTIVES
+    from polymae.shared.registry import DECODERS, ENCODERS, MASKERS, MODALITIES, MODEL_SIZES, OBJECTIVES
 
     print("modalities: " + ", ".join(MODALITIES.names()))
     for name, why in modalities.UNAVAILABLE.items():
@@ -95,6 +95,7 @@ def cmd_info(args) -> None:
             print(f"  {name} built-in sources: " + ", ".join(sources))
     print("maskers:    " + ", ".join(MASKERS.names()))
     print("objectives: " + ", ".join(OBJECTIVES.names()))
+    print("encoders:   " + ", ".join(ENCODERS.names()) + "   decoders: " + ", ".join(DECODERS.names()))
     print("model sizes: " + ", ".join(f"{n} ({MODEL_SIZES.get(n)['width']}x{MODEL_SIZES.get(n)['depth']})"
                                      for n in MODEL_SIZES.names()))
     print("configs:    " + ", ".join(shipped_configs()))

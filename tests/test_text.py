@@ -23,6 +23,7 @@ from polymae.modalities.text.hf_interop import from_hf_bert, to_hf_bert
 from polymae.modalities.text.modality import TextModality
 from polymae.modalities.text.tokenizer import load_tokenizer, train_tokenizer
 from polymae.pipelines.pretrain import pretrain
+from polymae.pipelines.reconstruct import reconstruct
 from polymae.pipelines.runs import build_parts, load_run
 from polymae.pipelines.shards import write_shards
 from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
@@ -328,6 +329,8 @@ def test_m3ae_trains_both_streams_draws_both_and_probes_the_joint_encoder(tmp_pa
     from PIL import Image
     picture = Image.open(Path(summary["run_dir"]) / "reconstruction.png")
     assert picture.height > 400                                       # the image rows, then the caption rows
+    drawn = Image.open(reconstruct(summary["run_dir"], tmp_path / "m3ae.png", rows=3))
+    assert drawn.height > 200 and drawn.width > 300
     assert set(summary["probe"]) == {"raw", "random_init", "pretrained"}
     assert summary["probe"]["raw"]["val_samples"] > 100
 
