@@ -386,12 +386,25 @@ class MaskedAutoencoder(nn.Module):
         if len(names) == 1 and mask.substitute is None:  # embed the visible tokens only (no wasted work)
             name = names[0]
             tokens = gather_stream(batch.streams[name], mask.ids_keep)
-            return self.input_adapters[name](tokens), mask.keep_valid
+            return self.input_adapters[name](tokens), self.inputs_valid(batch)
         embedded = [self.input_adapters[name](self.entering(batch, name)) for name in names]
         x = torch.cat([e.to(embedded[0].dtype) for e in embedded], dim=1) if len(embedded) > 1 else embedded[0]
         if mask.substitute is not None:
             x = self.substitute_mask_tokens(x, batch)
-        return gather_tokens(x, mask.ids_keep), mask.keep_valid
+        return gather_tokens(x, mask.ids_keep), self.inputs_valid(batch)
+
+    @staticmethod
+    def inputs_valid(batch: Batch) -> Tensor | None:
+        """Which encoder inputs are real: the mask's `keep_valid`, and never padding, even in a
+        hand-made mask that puts padding among the visible tokens (maskers never do)."""
+        valids = [t.valid for t in batch.streams.values()]
+        if all(v is None for v in valids):
+            return batch.mask.keep_valid
+        device = batch.mask.ids_keep.device
+        full = torch.cat([v if v is not None else torch.ones(t.primary.shape[:2], dtype=torch.bool, device=device)
+                          for v, t in zip(valids, batch.streams.values())], dim=1)
+        kept = torch.gather(full, 1, batch.mask.ids_keep)
+        return kept if batch.mask.keep_valid is None else kept & batch.mask.keep_valid
 
     def entering(self, batch: Batch, name: str) -> Tokens:
         """A stream's tokens as the encoder reads them: ids replaced where Mask.substitute names one."""
