@@ -6,6 +6,8 @@ A recipe sums terms with weights:
       pixel: {weight: 1.0, norm_pix: true}                 # single stream: the term reads it
       caption_mlm: {term: cross_entropy, stream: caption, weight: 0.5}
 
+Generic terms: `pixel` (MAE), `cross_entropy` (masked LM on ids), `contrastive`
+(InfoNCE between two streams, with its own projection heads and temperature).
 A term is an `nn.Module` registered in OBJECTIVES, built as
 `Term(stream=..., **options)`; `term(outputs, batch) -> scalar`. It may own
 parameters (a projection head, an alignment), which are optimised and
@@ -15,11 +17,14 @@ mask names a decode subset) and real (padding excluded), `Batch.target_weights`.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .model import Outputs
+from .model import Outputs, entered_positions, restore_stream
 from .registry import OBJECTIVES
 from .tokens import Batch
 
@@ -173,3 +178,44 @@ def layers_read(terms: dict[str, dict]) -> tuple[int, ...]:
         if kind in OBJECTIVES:
             layers.update(OBJECTIVES.get(kind).layers(options))
     return tuple(sorted(layers))
+
+
+@OBJECTIVES.register("contrastive")
+class StreamContrastive(Objective):
+    """InfoNCE between two streams of the same samples (CLIP's symmetric loss, as CROMA
+    aligns radar and optical and CrossVideoMAE clip and frame): each stream's encoder
+    codes of the tokens it entered are mean-pooled, projected by a head of the term's own
+    to `dim`, normalised, and matched across the batch; the temperature is learnt.
+
+    The projection heads and the temperature are this term's parameters: `Pretraining`
+    holds the term, so they are optimised and checkpointed with the model."""
+
+    reads_model = True
+
+    def __init__(self, stream: str, model: nn.Module, other: str, dim: int = 128, temperature: float = 0.07):
+        super().__init__(stream)
+        if other not in model.streams or other == stream:
+            raise ConfigError(f"objective contrastive: other={other!r} must name another stream of {model.streams}")
+        width = model.config.width
+        self.other, self.prefix = other, model.num_prefix
+        self.project = nn.ModuleDict({stream: nn.Linear(width, dim), other: nn.Linear(width, dim)})
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    def pooled(self, outputs: Outputs, batch: Batch, stream: str) -> Tensor:
+        """Mean of the encoder's codes over the tokens of `stream` that it read."""
+        codes = restore_stream(outputs.latent, self.prefix, batch, stream).float()
+        entered = entered_positions(batch)
+        if entered is None:  # every row read its first num_visible tokens in shuffle order
+            entered = batch.mask.ids_restore < batch.mask.num_visible
+        weights = entered[:, batch.layout[stream]].float()
+        valid = batch.streams[stream].valid
+        if valid is not None:
+            weights = weights * valid.float()
+        return (codes * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+
+    def forward(self, outputs, batch):
+        a = F.normalize(self.project[self.stream](self.pooled(outputs, batch, self.stream)), dim=-1)
+        b = F.normalize(self.project[self.other](self.pooled(outputs, batch, self.other)), dim=-1)
+        logits = self.log_scale.clamp(max=math.log(100)).exp() * a @ b.T
+        targets = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
