@@ -22,16 +22,18 @@ from .stream import Loader, ShardStream
 
 @torch.no_grad()
 def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, max_samples: int,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) for a labelled split; `model=None` gives the raw token values."""
+            device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+    """(features, labels, records skipped as bad) for a labelled split; `model=None` gives the
+    raw token values (or bags of words)."""
     data = parts.config.data
     nothing_hidden = build_masker("random", 0.0)
     stream = ShardStream(shards, [spec._replace(masker=nothing_hidden) for spec in parts.streams],
                          batch_size=data.batch_size, train=False, seed=data.seed, split_by_rank=False)
-    features, labels = [], []
+    features, labels, skipped = [], [], 0
     if model is not None:
         model.eval().to(device)
     for batch in Loader(stream, data.num_workers, device=device if model is not None else None):
+        skipped += sum(batch.skipped.values())
         if len(batch) == 0:
             continue
         if batch.labels is None:
@@ -43,7 +45,7 @@ def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, m
         labels.append(batch.labels)
         if sum(len(f) for f in features) >= max_samples:
             break
-    return torch.cat(features)[:max_samples].numpy(), torch.cat(labels)[:max_samples].numpy()
+    return torch.cat(features)[:max_samples].numpy(), torch.cat(labels)[:max_samples].numpy(), skipped
 
 
 def raw_features(parts: RunParts, batch) -> torch.Tensor:
@@ -86,11 +88,12 @@ def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> di
     random_init = build_parts(parts.config).model
     results = {}
     for name, model in ((raw_name(parts), None), ("random_init", random_init), ("pretrained", parts.model)):
-        train_x, train_y = extract(parts, train_shards, model, cfg.max_samples, device)
-        val_x, val_y = extract(parts, val_shards, model, cfg.max_samples, device)
+        train_x, train_y, train_skipped = extract(parts, train_shards, model, cfg.max_samples, device)
+        val_x, val_y, val_skipped = extract(parts, val_shards, model, cfg.max_samples, device)
         results[name] = {"linear": linear_probe_accuracy(train_x, train_y, val_x, val_y),
                          "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature),
-                         "train_samples": len(train_y), "val_samples": len(val_y)}
+                         "train_samples": len(train_y), "val_samples": len(val_y),
+                         "skipped": train_skipped + val_skipped}
     return results
 
 
@@ -155,8 +158,9 @@ def format_heldout(results: dict) -> str:
 
 def format_probe(results: dict) -> str:
     first = next(iter(results.values()))
+    skipped = f", {first['skipped']} bad records skipped" if first.get("skipped") else ""
     lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {first['train_samples']}, "
-             f"held-out {first['val_samples']})"]
+             f"held-out {first['val_samples']}{skipped})"]
     for name, row in results.items():
         lines.append(f"{name:<14}{row['linear']:>9.3f}{row['knn']:>9.3f}")
     return "\n".join(lines)

@@ -74,6 +74,7 @@ from .transport import BatchRing, RingFeed
 log = logging.getLogger(__name__)
 
 MISSING_SHARD, BAD_SHARD, DECODE_ERROR = "missing_shard", "bad_shard", "decode_error"
+LOGGED_KINDS: set[str] = set()  # the kinds of bad record this process has logged one example of
 PREPARE_GROUP = 8  # records decoded, tokenized and masked stage by stage (bounded: 8 decoded photos in memory)
 
 
@@ -233,7 +234,6 @@ class ShardStream(IterableDataset):
         self.shared_epoch = multiprocessing.Value("i", epoch, lock=False)
         self.split_by_rank = split_by_rank
         self.stage_seconds: Counter = Counter()
-        self.logged_kinds: set[str] = set()
         self.allocate = None  # where batches are stacked: the Loader gives each worker its ring (transport.py)
 
     @property
@@ -296,8 +296,8 @@ class ShardStream(IterableDataset):
 
     def count_skip(self, error: BadInput, skipped: Counter) -> None:
         skipped[error.kind] += 1
-        if error.kind not in self.logged_kinds:
-            self.logged_kinds.add(error.kind)
+        if error.kind not in LOGGED_KINDS:  # once per process: evaluation re-reads the same records
+            LOGGED_KINDS.add(error.kind)
             log.warning("skipping %s; further '%s' records are counted in Batch.skipped, not logged", error,
                         error.kind)
 

@@ -28,6 +28,7 @@ from polymae.pipelines.runs import build_parts, load_run
 from polymae.pipelines.shards import write_shards
 from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
 from polymae.shared.config import load_config
+from polymae.shared.errors import ConfigError
 from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.tokens import AS_ITSELF, Mask, Tokens, collate
 
@@ -291,6 +292,8 @@ def test_bert_mlm_trains_beats_unigram_frequencies_and_probes(tmp_path, fortune_
     summary = run_recipe("text/bert_mlm.yaml", fortune_shards, tmp_path, "trainer.max_steps=300",
                          "trainer.lr=2e-3", "modality_options.vocab_size=1500", "data.batch_size=32")
     assert (fortune_shards / "tokenizer.json").is_file()              # trained on the shards, kept beside them
+    with pytest.raises(ConfigError, match="vocab_size"):              # a recipe asking for another one is told
+        build_parts(load_config("text/bert_mlm.yaml", [f"data.shards={fortune_shards}", "data.source=null"]))
     run_dir = Path(summary["run_dir"])
     curve = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(curve[-5:]) / 5 < 0.9 * sum(curve[:2]) / 2, curve   # from ln(vocab) down
@@ -308,7 +311,7 @@ def test_bert_mlm_trains_beats_unigram_frequencies_and_probes(tmp_path, fortune_
 def test_meap_and_starbucks_recipes_learn_more_than_unigram_frequencies(tmp_path, fortune_shards, recipe, term):
     extra = ["objective.starbucks.pairs=[[1,16],[2,64]]"] if term == "starbucks" else []
     summary = run_recipe(recipe, fortune_shards, tmp_path, "trainer.max_steps=300", "trainer.lr=2e-3",
-                         "data.batch_size=32", *extra)
+                         "data.batch_size=32", "modality_options.vocab_size=1500", *extra)
     curve = [json.loads(line)["loss"] for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert sum(curve[-5:]) / 5 < 0.9 * sum(curve[:2]) / 2, curve
     heldout = summary["heldout"][term]

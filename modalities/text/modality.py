@@ -16,6 +16,7 @@ render    rows of the original text, the text with hidden sub-words as [MASK] bo
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +101,19 @@ class TextModality(Modality):
         if self._tokenizer is not None:
             return
         path = Path(shard_folder) / TOKENIZER_FILE
+        settings_path = path.with_name("tokenizer-settings.json")
+        wanted = {"kind": self.options.tokenizer_kind, "vocab_size": self.options.vocab_size}
         if not path.is_file():
             texts = self.training_texts(records())
             trained = train_tokenizer(texts, self.options.tokenizer_kind, self.options.vocab_size)
             trained.save(path.parent)
+            settings_path.write_text(json.dumps(wanted))
             print(f"trained a {self.options.tokenizer_kind} tokenizer of {trained.vocab_size} sub-words on the "
                   f"train shards: {path}")
+        elif settings_path.is_file() and json.loads(settings_path.read_text()) != wanted:
+            raise ConfigError(f"{path} was trained with {settings_path.read_text()}, the recipe asks for "
+                              f"{json.dumps(wanted)}: delete it to train a new one, or set "
+                              "modality_options.tokenizer_kind / vocab_size to match")
         self._tokenizer = load_tokenizer(path)
 
     def training_texts(self, records: Iterator[dict]) -> Iterator[str]:
