@@ -118,6 +118,7 @@ class Config:
     modality_options: dict = field(default_factory=dict)  # checked by the modality's own Options
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the one stream's decoder or head
     streams: dict = field(default_factory=dict)            # ... or several: {name: StreamConfig}
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -130,7 +131,7 @@ class Config:
         """The recipe's streams in order: `streams`, or the one stream `modality` names."""
         if not self.streams:
             return {self.modality: StreamConfig(modality=self.modality, options=self.modality_options,
-                                                mask=self.mask)}
+                                                mask=self.mask, decoder=self.decoder)}
         if self.modality_options:
             raise ConfigError("modality_options belongs to one-stream recipes; with streams, give "
                               "streams.<name>.options")

@@ -135,7 +135,8 @@ class Modality:
             return TransformerDecoder(encoder_width, self.output_width, self.num_coords, config, decoder,
                                       self.coord_extents)
         if kind in ("mlp", "vocab"):
-            return MLPHead(encoder_width, self.output_width, config.layer_norm_eps, decoder.layer, config.kernels)
+            return MLPHead(encoder_width, self.output_width, config.layer_norm_eps, decoder.layer, config.kernels,
+                           targets_only=decoder.rows == "targets")
         raise ConfigError(f"decoder kind {kind!r} is not one of transformer, mlp, vocab")
 
     def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:

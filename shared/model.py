@@ -79,6 +79,13 @@ class DecoderConfig:
     width: int | None = None        # transformer decoder width (None: model.decoder_width)
     depth: int | None = None
     heads: int | None = None
+    rows: str = "targets"           # mlp / vocab heads while training: predict at the stream's targets only
+    #                                 (a masked LM scores 15% of places: 85% of its vocabulary projection is
+    #                                 waste) or at every place ("all": next-token prediction needs them)
+
+    def __post_init__(self):
+        if self.rows not in ("targets", "all"):
+            raise ConfigError(f"decoder.rows must be targets or all; got {self.rows!r}")
 
 
 # -- building blocks ----------------------------------------------------------------------------------
@@ -288,11 +295,16 @@ def restore_stream(latent: Tensor, prefix: int, batch: Batch, stream: str) -> Te
 class MLPHead(nn.Module):
     """A head on the encoder's codes of a stream's own tokens (BERT's MLM transform:
     Linear -> GELU -> LayerNorm -> Linear), read at `layer` (a normalising LayerNorm
-    first when that is not the encoder's last, normalised output)."""
+    first when that is not the encoder's last, normalised output).
 
-    def __init__(self, encoder_width: int, d_out: int, eps: float, layer: int | None, kernels: str = "auto"):
+    With `targets_only` it predicts, while training, at the stream's target places only
+    (`Batch.target_weights`): `pred` is then [K, d_out] for the K targets in row-major
+    order and `rows` [B, N] says where they are. In eval mode it predicts everywhere."""
+
+    def __init__(self, encoder_width: int, d_out: int, eps: float, layer: int | None, kernels: str = "auto",
+                 targets_only: bool = False):
         super().__init__()
-        self.layer, self.kernels = layer, kernels
+        self.layer, self.kernels, self.targets_only = layer, kernels, targets_only
         self.input_norm = nn.LayerNorm(encoder_width, eps=eps) if layer is not None else None
         self.dense = nn.Linear(encoder_width, encoder_width)
         self.act = nn.GELU()
@@ -307,6 +319,9 @@ class MLPHead(nn.Module):
     def forward(self, latent: Tensor, prefix: int, batch: Batch, stream: str, taps: dict[int, Tensor]) -> dict:
         source = latent if self.layer is None else taps[self.layer]
         codes = restore_stream(source, prefix, batch, stream)
+        if self.training and self.targets_only:
+            rows = batch.target_weights(stream).bool()
+            return {"pred": linear(self.transform(codes[rows]), self.head, self.kernels), "rows": rows}
         return {"pred": linear(self.transform(codes), self.head, self.kernels)}
 
 

@@ -98,8 +98,11 @@ class TokenCrossEntropy(Objective):
         self.label_smoothing = label_smoothing
 
     def forward(self, outputs, batch):
-        return token_cross_entropy(outputs.pred(self.stream), batch.streams[self.stream].ids,
-                                   batch.target_weights(self.stream), self.label_smoothing)
+        out = outputs.streams[self.stream]
+        ids = batch.streams[self.stream].ids
+        if "rows" in out:  # the head predicted at the targets only
+            return F.cross_entropy(out["pred"].float(), ids[out["rows"]], label_smoothing=self.label_smoothing)
+        return token_cross_entropy(out["pred"], ids, batch.target_weights(self.stream), self.label_smoothing)
 
     def scored(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(the ids it scores [B, N], their weights): what a unigram baseline is measured on."""

@@ -219,8 +219,14 @@ class TextModality(Modality):
     def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:
         """Per text: the original, the masked input (hidden sub-words as [____]) and the
         reconstruction (predicted sub-words in red where hidden), wrapped to the picture's width."""
+        if pred.dim() == 2:  # a head that predicted at the hidden sub-words only (training): place them
+            dense = tokens.ids.clone()
+            targets = hidden & (tokens.valid if tokens.valid is not None else torch.ones_like(hidden))
+            dense[targets] = pred.argmax(-1)
+            guess = dense[:rows]
+        else:
+            guess = pred[:rows].argmax(-1)
         rows = min(rows, tokens.ids.shape[0])
-        guess = pred[:rows].argmax(-1)
         width, line_height, margin = 760, 14, 6
         lines: list[list[tuple[str, tuple[int, int, int]]]] = []
         for row in range(rows):

@@ -25,6 +25,9 @@ from polymae.shared.registry import OBJECTIVES
 @OBJECTIVES.register("next_token")
 class NextTokenLoss(Objective):
     def forward(self, outputs, batch):
+        if "rows" in outputs.streams[self.stream]:
+            raise ConfigError("objective next_token scores every place: set decoder.rows=all (streams.<name>."
+                              "decoder.rows=all in a recipe of several streams)")
         targets, weights = self.scored(batch)
         return token_cross_entropy(outputs.pred(self.stream)[:, :-1], targets, weights)
 
