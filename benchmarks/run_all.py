@@ -1,6 +1,7 @@
 """Run every benchmark (what `make bench` calls) and rewrite benchmarks/README.md with the figures.
 
-    python benchmarks/run_all.py [--quick] [--threads auto|N] [--only train_step,visible_only,pipeline]
+    python benchmarks/run_all.py [--quick] [--threads auto|N] [--bf16 auto|on|off]
+                                 [--only train_step,visible_only,pipeline,text_step,text_pipeline]
 
 Each benchmark runs in a fresh process of its own (its contenders alternate
 inside it) with a time budget so the whole run stays under 10 minutes on a
@@ -9,6 +10,12 @@ after another in one process, a benchmark inherited the last one's heap:
 the pipeline's workers, forked from a process that had just trained ViT-B,
 ran 0.64x of decode-only where alone they ran 0.72-0.80x. The README keeps what is written above its results
 marker and gets the latest figures, the date and the machine below it.
+
+`--bf16 auto` (the default) measures once whether this CPU runs bf16 matmuls
+natively: an AVX2-only CPU emulates them, 20-70x slower than fp32 (a ViT-B
+bf16 step takes minutes), so there train_step runs fp32 only, visible_only
+(bf16 only) is skipped and says why, and text_step times bf16 at a small
+batch (it decides that itself); `--bf16 on` runs everything as written.
 """
 from __future__ import annotations
 
@@ -29,13 +36,55 @@ import common  # noqa: E402
 MARKER = "<!-- results: written by benchmarks/run_all.py; everything below this line is replaced -->"
 
 
-def plans(quick: bool, threads: str) -> dict[str, list[str]]:
+NAMES = ("train_step", "visible_only", "pipeline", "text_step", "text_pipeline")
+
+
+def _bf16_emulated(results) -> None:
+    import torch
+
+    def best(dtype):
+        a = torch.randn(512, 512, dtype=dtype)
+        a @ a
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    results.put(best(torch.bfloat16) > best(torch.float32))
+
+
+def bf16_emulated() -> bool:
+    """Whether a bf16 matmul runs slower than the same fp32 one here (an AVX2-only CPU emulates bf16).
+    Measured in a process of its own: a matmul here would start OpenMP's thread pool in this process,
+    and a benchmark forked from it would hang at its first parallel op."""
+    context = multiprocessing.get_context()
+    queue = context.Queue()
+    process = context.Process(target=_bf16_emulated, args=(queue,))
+    process.start()
+    try:
+        return queue.get(timeout=120)
+    finally:
+        process.join()
+
+
+def plans(quick: bool, threads: str, bf16: bool = True) -> dict[str, list[str] | str]:
+    """Each benchmark's arguments, or the reason it is skipped."""
     if quick:
-        return {"train_step": ["--quick", "--threads", threads], "visible_only": ["--quick", "--threads", threads],
-                "pipeline": ["--quick"]}
-    return {"train_step": ["--seconds", "70", "--threads", threads],
-            "visible_only": ["--seconds", "20", "--threads", threads],
-            "pipeline": ["--repeats", "3"]}
+        out = {"train_step": ["--quick", "--threads", threads], "visible_only": ["--quick", "--threads", threads],
+               "pipeline": ["--quick"], "text_step": ["--quick", "--threads", threads], "text_pipeline": ["--quick"]}
+    else:
+        out = {"train_step": ["--seconds", "70", "--threads", threads],
+               "visible_only": ["--seconds", "20", "--threads", threads],
+               "pipeline": ["--repeats", "3"],
+               "text_step": ["--seconds", "60", "--threads", threads],
+               "text_pipeline": ["--repeats", "3"]}
+    if not bf16:
+        out["train_step"] += ["--precision", "fp32"]
+        out["visible_only"] = ("SKIPPED: bf16-only, and this CPU emulates bf16 matmuls (slower than fp32; a run "
+                               "would take over an hour); figures from a CPU with native bf16 are kept above")
+    return out
 
 
 def run_one(name: str, argv: list[str], results) -> None:
@@ -47,11 +96,15 @@ def run_one(name: str, argv: list[str], results) -> None:
         results.put({"verdict": f"ERROR: {type(error).__name__}: {error}"})
 
 
-def run(names: list[str], quick: bool, threads: str) -> dict:
+def run(names: list[str], quick: bool, threads: str, bf16: bool = True) -> dict:
     context = multiprocessing.get_context()  # the platform's way, as when a benchmark is run alone
     results = {}
-    for name, argv in plans(quick, threads).items():
+    for name, argv in plans(quick, threads, bf16).items():
         if name not in names:
+            continue
+        if isinstance(argv, str):
+            print(f"\n== {name}: {argv}", flush=True)
+            results[name] = {"verdict": argv, "seconds": 0.0}
             continue
         print(f"\n== {name} {' '.join(argv)}", flush=True)
         start = time.perf_counter()
@@ -139,6 +192,80 @@ def pipeline_section(r: dict) -> list[str]:
             "", f"Two workers with free transfers could reach at best {r['ceiling']:.2f}x of decode-only."]
 
 
+def text_step_section(r: dict) -> list[str]:
+    a = r.get("architecture", {})
+    lines = ["### text_step: polymae vs Hugging Face BertForMaskedLM, masked-LM training step", "",
+             f"BERT {a.get('layers')} layers x {a.get('width')} wide x {a.get('heads')} heads (MLP "
+             f"{a.get('intermediate')}), MiniLM's 30,522-sub-word vocabulary, real fortune cookies in windows of "
+             f"{r.get('seq')} sub-words, BERT masking 15% (polymae's masker; HF reads the same corrupted ids and labels "
+             f"-100 except at the hidden sub-words), same weights (`from_hf_bert`), fused AdamW for both, forward + "
+             f"backward + step; {r.get('threads_note', '')}. Matmul limit in-process: bf16 "
+             f"{fmt(r.get('bf16_matmul_gflops'), '.1f')} GFLOP/s (1024^3), fp32 {fmt(r.get('fp32_matmul_gflops'), '.0f')} "
+             f"GFLOP/s (2048^3). Ratios are the median of the rounds' own ratios (contenders back to back in each "
+             f"round). polymae's vocab head predicts at the hidden sub-words only while training (decoder.rows="
+             f"targets, its default), HF's at every position; \"rows=all\" is the same polymae model with its head "
+             f"at every position (what it did before, and what next-token recipes set).", "",
+             "| precision | batch | HF samples/s | polymae samples/s | ratio | target | HF fwd/bwd/opt s | "
+             "polymae fwd/bwd/opt s | polymae rows=all: samples/s, ratio | first-step loss HF / polymae (rel diff) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for precision in ("bf16", "fp32"):
+        p = r.get(precision)
+        if not p:
+            continue
+        h, m = p["hf"], p["polymae"]
+        proj = p.get("polymae_all_rows")
+        lines.append(
+            f"| {precision}{' (emulated)' if p.get('emulated') else ''} | {p['batch']} | {h['samples_per_s']:.2f} | "
+            f"{m['samples_per_s']:.2f} | **{p['ratio']:.2f}x** | {'1.5' if precision == 'bf16' else '1.2'}x | "
+            f"{h['forward_s']:.2f} / {h['backward_s']:.2f} / {h['optimizer_s']:.2f} | "
+            f"{m['forward_s']:.2f} / {m['backward_s']:.2f} / {m['optimizer_s']:.2f} | "
+            + (f"{proj['samples_per_s']:.2f}, {p['ratios']['polymae_all_rows']:.2f}x" if proj else "n/a")
+            + f" | {p['first_loss']['hf']:.6f} / {p['first_loss']['polymae']:.6f} "
+              f"({p['first_loss_rel_diff']['polymae']:.1e}) |")
+    lines += ["", "Step seconds per round (HF / polymae / polymae rows=all): " + "; ".join(
+        f"{precision} " + ", ".join(" / ".join(f"{v[i]:.2f}" for v in p["rounds_step_s"].values())
+                                    for i in range(len(p["rounds_step_s"]["hf"])))
+        for precision, p in ((k, r[k]) for k in ("bf16", "fp32") if k in r)) + ".", ""]
+    for precision in ("bf16", "fp32"):
+        p = r.get(precision)
+        if p:
+            lines.append(f"- {precision}: {p['tokens']} token places ({p['real_tokens']} real, {p['hidden_tokens']} "
+                         f"hidden); matmuls {p['matmul_gflop_per_step']['all_positions']:.0f} GFLOP per step with the "
+                         f"vocabulary at every place (HF, polymae rows=all; it is {p['vocab_share_of_forward_matmuls']:.0%} of "
+                         f"the forward matmuls), {p['matmul_gflop_per_step']['hidden_only']:.0f} at the hidden rows "
+                         "only (polymae); polymae's forward by phase as it trains (s, no grad): " + ", ".join(
+                             f"{k} {v:.3f}" for k, v in p["polymae_forward_phases_s"].items()))
+    return lines
+
+
+def text_pipeline_section(r: dict) -> list[str]:
+    if "ratio" not in r:
+        return ["### text_pipeline", ""]
+    runs = r["all_runs"]
+    order = ("tokenize", "tokenize_1proc", "pipeline")
+    rounds = [" / ".join(f"{runs[k][i]:.0f}" for k in order) for i in range(len(runs["pipeline"]))]
+    return ["### text_pipeline: shards -> decode -> tokenize -> BERT mask -> batch vs tokenize only", "",
+            f"{r['texts']} fortune cookies (~{r['kb_per_text']:.1f} KB per record in the tar) in {r['shards']} "
+            f"WebDataset shards written by `shard_source`, MiniLM's WordPiece tokenizer, windows of at most "
+            f"{r['seq']}, BERT masking 0.15, batch {r['batch']} padded to its longest text, {r['workers']} DataLoader "
+            f"workers, timed from the second epoch on; the reference reads the same records with the same tar "
+            f"reader and calls the Hugging Face tokenizer on each text, in {r['workers']} forked processes (every "
+            f"other shard each); its 1-process rate printed beside it. Ratios: the median over the rounds.", "",
+            f"| tokenize only, {r['workers']} processes, texts/s | tokenize only, 1 process, texts/s | pipeline texts/s "
+            f"| ratio (target >= 0.8x) | ratio to 2 x the 1-process loop |", "|---|---|---|---|---|",
+            f"| {r['tokenize_texts_per_s']:.0f} | {r['tokenize_1proc_texts_per_s']:.0f} | "
+            f"{r['pipeline_texts_per_s']:.0f} | **{r['ratio']:.2f}x** | {r['ratio_1proc_scaled']:.2f}x |", "",
+            "Best of the rounds in each column. Rounds (tokenize 2 processes / 1 process / pipeline, texts/s): "
+            + "; ".join(rounds) + f". First epoch, workers starting: {r['first_epoch_texts_per_s']:.0f} texts/s; "
+            f"{r['batched']} texts batched per epoch, {r['skipped']} skipped and counted (too short).", "",
+            "Where a text's time goes, all stages in one process (ms per text; 'rest' is reading the tar, the "
+            "shuffle buffer, per-sample seeding and the loader):", "",
+            "| " + " | ".join(r["stage_ms"]) + " | bare tokenize-only |", "|" + "---|" * (len(r["stage_ms"]) + 1),
+            "| " + " | ".join(f"{v:.3f}" for v in r["stage_ms"].values())
+            + f" | {1e3 / r['tokenize_1proc_texts_per_s']:.3f} |",
+            "", f"Two workers with free transfers could reach at best {r['ceiling']:.2f}x of tokenize-only."]
+
+
 def write_readme(results: dict, quick: bool) -> Path:
     path = HERE / "README.md"
     head = path.read_text().split(MARKER)[0].rstrip() if path.exists() else "# Benchmarks"
@@ -153,9 +280,10 @@ def write_readme(results: dict, quick: bool) -> Path:
              "Verdicts:", ""]
     lines += [f"- {name}: {r.get('verdict', 'n/a')} ({r.get('seconds', 0):.0f} s)" for name, r in results.items()]
     lines.append("")
-    sections = {"train_step": train_step_section, "visible_only": visible_only_section, "pipeline": pipeline_section}
+    sections = {"train_step": train_step_section, "visible_only": visible_only_section, "pipeline": pipeline_section,
+                "text_step": text_step_section, "text_pipeline": text_pipeline_section}
     for name, r in results.items():
-        if "verdict" in r and not r["verdict"].startswith("ERROR"):
+        if "verdict" in r and not r["verdict"].startswith(("ERROR", "SKIPPED")):
             lines += sections[name](r) + [""]
     path.write_text("\n".join(lines))
     return path
@@ -165,12 +293,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", default="auto")
-    parser.add_argument("--only", default="train_step,visible_only,pipeline")
+    parser.add_argument("--only", default=",".join(NAMES))
+    parser.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
+                        help="auto: bf16 runs only where this CPU has native bf16 matmuls (see the module docstring)")
     args = parser.parse_args(argv)
+    unknown = [n for n in args.only.split(",") if n not in NAMES]
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
     start = time.perf_counter()
     note = common.set_threads(args.threads)  # decided once, so every benchmark runs with the same threads
-    print(f"run_all: {note}")
-    results = run(args.only.split(","), args.quick, str(common.torch.get_num_threads()))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and not bf16_emulated())
+    print(f"run_all: {note}; bf16 {'runs' if bf16 else 'emulated on this CPU: train_step fp32 only, visible_only skipped'}")
+    results = run(args.only.split(","), args.quick, str(common.torch.get_num_threads()), bf16)
     path = write_readme(results, args.quick)
     print(f"\nall benchmarks: {time.perf_counter() - start:.0f} s; figures written to {path}")
     for name, r in results.items():
