@@ -138,3 +138,18 @@ class Budget:
             return False
         self.rounds += 1
         return True
+
+
+def timed_step(optimizer, forward, precision: str) -> dict:
+    """One training step, forward (under `precision`'s autocast) + backward + optimizer, timed phase by phase."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    with autocast(precision):
+        loss = forward()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return {"loss": loss.item(), "step_s": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1,
+            "optimizer_s": t3 - t2, "cpu_s": time.process_time() - c0}

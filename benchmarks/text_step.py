@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Budget, adamw, autocast, machine, matmul_gflops, median, set_threads  # noqa: E402
+from common import Budget, adamw, autocast, machine, matmul_gflops, median, set_threads, timed_step  # noqa: E402
 
 TARGETS = {"bf16": 1.5, "fp32": 1.2}
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # relative, first step from identical weights
@@ -164,18 +164,7 @@ def make_steps(hf, model, batch, hf_inputs, fused: bool):
                 "polymae_all_rows": all_rows}
 
     def step(name, precision):
-        optimizer = optimizers[name]
-        t0, c0 = time.perf_counter(), time.process_time()
-        with autocast(precision):
-            loss = forwards[name]()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return {"loss": loss.item(), "step_s": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1,
-                "optimizer_s": t3 - t2, "cpu_s": time.process_time() - c0}
+        return timed_step(optimizers[name], forwards[name], precision)
 
     return {name: (lambda p, name=name: step(name, p)) for name in forwards}, optimizers, forwards
 

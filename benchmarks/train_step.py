@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Budget, adamw, autocast, machine, matmul_gflops, median, photo_batch,  # noqa: E402
-                    set_threads)
+from common import (Budget, adamw, machine, matmul_gflops, median, photo_batch,  # noqa: E402
+                    set_threads, timed_step)
 
 TARGETS = {"bf16": 2.0, "fp32": 1.2}
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # relative, first step from identical weights
@@ -99,18 +98,7 @@ def make_steps(hf, model, pixels, noise, batch, fused: bool):
         return terms(model(batch), batch)[0]
 
     def step(name, forward, precision):
-        optimizer = optimizers[name]
-        t0, c0 = time.perf_counter(), time.process_time()
-        with autocast(precision):
-            loss = forward()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return {"loss": loss.item(), "step_s": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1,
-                "optimizer_s": t3 - t2, "cpu_s": time.process_time() - c0}
+        return timed_step(optimizers[name], forward, precision)
 
     return {"hf": lambda p: step("hf", forward_hf, p), "polymae": lambda p: step("polymae", forward_polymae, p)}, \
         optimizers
