@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from polymae.shared.masking import build_masker
+from polymae.shared.model import readout_tokens
 from polymae.shared.trainer import pick_device
 
 from .runs import RunParts, build_parts
@@ -49,13 +50,23 @@ def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, m
 
 
 def raw_features(parts: RunParts, batch) -> torch.Tensor:
-    """The baseline features of each stream, side by side: its token values flattened, or for a
-    discrete stream its bag of ids (counts per vocabulary entry, padding left out)."""
+    """The baseline features of each stream, side by side: its token values flattened (averaged
+    over the real or readout tokens when samples differ in size), or for a discrete stream its
+    bag of ids (counts per vocabulary entry, padding left out)."""
     columns = []
+    readout = readout_tokens(batch)
     for spec in parts.streams:
         tokens = batch.streams[spec.name]
         if tokens.values is not None:
-            columns.append(tokens.values.flatten(1).float())
+            if tokens.valid is None and readout is None:
+                columns.append(tokens.values.flatten(1).float())
+                continue
+            # samples of different token counts: the mean over each one's real tokens (or readout tokens)
+            weights = tokens.valid if tokens.valid is not None else torch.ones(tokens.values.shape[:2], dtype=torch.bool)
+            if readout is not None:
+                weights = weights & readout[:, batch.layout[spec.name]]
+            weights = weights.unsqueeze(-1).float()
+            columns.append((tokens.values.float() * weights).sum(1) / weights.sum(1).clamp_min(1))
             continue
         counts = torch.zeros(len(batch), spec.modality.vocab_size)
         weights = torch.ones(tokens.ids.shape) if tokens.valid is None else tokens.valid.float()
@@ -82,7 +93,10 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int, temperature: float) -
 
 
 def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> dict[str, dict[str, float]]:
-    """{'raw': {...}, 'random_init': {...}, 'pretrained': {...}} of linear and kNN accuracy."""
+    """{'raw': {...}, 'random_init': {...}, 'pretrained': {...}} of linear and kNN accuracy:
+    fitted on the train split and scored on the held-out one (`probe.protocol: split`), or
+    the mean and std over `probe.folds` stratified folds of both splits together
+    (`cross_validation`: GraphMAE's protocol for small labelled sets)."""
     cfg = parts.config.probe
     device = pick_device(parts.config.trainer.device)
     random_init = build_parts(parts.config).model
@@ -90,11 +104,32 @@ def probe(parts: RunParts, train_shards: list[str], val_shards: list[str]) -> di
     for name, model in ((raw_name(parts), None), ("random_init", random_init), ("pretrained", parts.model)):
         train_x, train_y, train_skipped = extract(parts, train_shards, model, cfg.max_samples, device)
         val_x, val_y, val_skipped = extract(parts, val_shards, model, cfg.max_samples, device)
-        results[name] = {"linear": linear_probe_accuracy(train_x, train_y, val_x, val_y),
-                         "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature),
-                         "train_samples": len(train_y), "val_samples": len(val_y),
-                         "skipped": train_skipped + val_skipped}
+        if cfg.protocol == "cross_validation":
+            results[name] = cross_validated(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]),
+                                            cfg.folds, cfg.knn_k, cfg.knn_temperature, parts.config.data.seed)
+        else:
+            results[name] = {"linear": linear_probe_accuracy(train_x, train_y, val_x, val_y),
+                             "knn": knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k, cfg.knn_temperature),
+                             "train_samples": len(train_y), "val_samples": len(val_y)}
+        results[name]["skipped"] = train_skipped + val_skipped
     return results
+
+
+def cross_validated(x: np.ndarray, y: np.ndarray, folds: int, knn_k: int, knn_temperature: float,
+                    seed: int) -> dict[str, float]:
+    """Linear and kNN accuracy over stratified folds: means, standard deviations, fold count."""
+    from sklearn.model_selection import StratifiedKFold
+
+    smallest = int(np.bincount(y).compress(np.bincount(y) > 0).min())
+    if smallest < folds:
+        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} samples of every class; the "
+                         f"rarest class has {smallest} (lower probe.folds)")
+    linear, knn = [], []
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        linear.append(linear_probe_accuracy(x[train], y[train], x[test], y[test]))
+        knn.append(knn_accuracy(x[train], y[train], x[test], y[test], knn_k, knn_temperature))
+    return {"linear": float(np.mean(linear)), "linear_std": float(np.std(linear)), "knn": float(np.mean(knn)),
+            "knn_std": float(np.std(knn)), "folds": folds, "samples": len(y)}
 
 
 def raw_name(parts: RunParts) -> str:
@@ -159,6 +194,13 @@ def format_heldout(results: dict) -> str:
 def format_probe(results: dict) -> str:
     first = next(iter(results.values()))
     skipped = f", {first['skipped']} bad records skipped" if first.get("skipped") else ""
+    if "folds" in first:
+        lines = [f"{'features':<14}{'linear':>15}{'kNN':>15}   ({first['folds']}-fold cross-validation over "
+                 f"{first['samples']} samples, mean ± std{skipped})"]
+        for name, row in results.items():
+            lines.append(f"{name:<14}{row['linear']:>9.3f} ± {row['linear_std']:.3f}"
+                         f"{row['knn']:>9.3f} ± {row['knn_std']:.3f}")
+        return "\n".join(lines)
     lines = [f"{'features':<14}{'linear':>9}{'kNN':>9}   (train {first['train_samples']}, "
              f"held-out {first['val_samples']}{skipped})"]
     for name, row in results.items():

@@ -109,6 +109,15 @@ class ProbeConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     max_samples: int = 20000          # per split, to keep probing quick
+    protocol: str = "split"           # split: fit on train, score held-out; cross_validation: k folds over
+    #                                   both splits together, mean and std (small labelled sets: GraphMAE's)
+    folds: int = 10
+
+    def __post_init__(self):
+        if self.protocol not in ("split", "cross_validation"):
+            raise ConfigError(f"probe.protocol must be split or cross_validation; got {self.protocol!r}")
+        if self.folds < 2:
+            raise ConfigError(f"probe.folds must be >= 2, got {self.folds}")
 
 
 @dataclass

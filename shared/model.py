@@ -56,6 +56,7 @@ class ModelConfig:
     pool: str = "mean"              # features for probing: mean of tokens or cls
     kernels: str = "auto"           # auto: oneDNN linears + short-sequence attention on CPU; torch: plain ops
     init_from: str | None = None    # start from these weights: a polymae run/checkpoint or a local HF folder
+    encoder_options: dict = field(default_factory=dict)  # options of an ENCODERS entry that takes them (a GNN's)
 
     def __post_init__(self):
         if self.size not in MODEL_SIZES:
@@ -222,17 +223,22 @@ class TransformerDecoder(nn.Module):
     """MAE's decoder for one stream: the encoder's output projected to the decoder width,
     mask tokens at the stream's hidden places, its own position encoding, blocks, norm and
     a linear head. Tokens of the other streams that the encoder read come along as context
-    (a joint decoder, as M3AE's); their predictions are not made here."""
+    (a joint decoder, as M3AE's); their predictions are not made here.
+
+    `remask`: a stream whose encoder read its hidden tokens (as a mask token) gets the
+    decoder's mask token at those places instead of their codes, so the decoder must
+    reconstruct them from their neighbours (GraphMAE's re-mask). `position`: the decoder's
+    position encoding when not the model's (`ModelConfig.position`)."""
 
     def __init__(self, encoder_width: int, d_out: int, num_coords: int, cfg: ModelConfig, dec: DecoderConfig,
-                 grid: tuple[int, ...] | None = None):
+                 grid: tuple[int, ...] | None = None, position: str | None = None, remask: bool = False):
         super().__init__()
         width, depth, heads = dec.width or cfg.decoder_width, dec.depth or cfg.decoder_depth, \
             dec.heads or cfg.decoder_heads
-        self.kernels = cfg.kernels
+        self.kernels, self.remask = cfg.kernels, remask
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.position = build_position(cfg.position, width, num_coords, grid)
+        self.position = build_position(position or cfg.position, width, num_coords, grid)
         self.blocks = nn.ModuleList(Block(width, heads, cfg.decoder_mlp_ratio, cfg.layer_norm_eps, cfg.kernels)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
@@ -252,6 +258,8 @@ class TransformerDecoder(nn.Module):
         own = full[:, span]
         if is_input is not None:  # rows with fewer encoder inputs hold other tokens' codes at their spare slots
             own = torch.where(is_input[:, span, None], own, self.mask_token.to(x.dtype))
+        if self.remask:  # hidden tokens the encoder read (as its mask token) are masked again (GraphMAE)
+            own = torch.where(mask.hidden[:, span, None], self.mask_token.to(x.dtype), own)
         own = own + self.position(tokens.coords).to(x.dtype)
         parts, keys = [head, own], [tokens.valid]
         for other, other_span in batch.layout.items():
@@ -474,10 +482,23 @@ class MaskedAutoencoder(nn.Module):
         if self.config.pool == "cls" and self.num_prefix:
             return latent[:, 0]
         tokens = latent[:, self.num_prefix:]
+        readout = readout_tokens(batch)
+        if readout is not None:  # the sample is about these tokens (a node-level graph sample's seed)
+            valid = readout if valid is None else valid & readout
         if valid is None:
             return tokens.mean(1)
         weights = valid.unsqueeze(-1).to(tokens.dtype)
         return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def readout_tokens(batch: Batch) -> Tensor | None:
+    """bool [B, N_total]: the tokens a sample's feature vector is read from, where a stream
+    names them in its field "readout" (the other streams' tokens then count too); None: all."""
+    if not any("readout" in t.fields for t in batch.streams.values()):
+        return None
+    return torch.cat([t.fields["readout"].bool() if "readout" in t.fields else
+                      torch.ones(t.primary.shape[:2], dtype=torch.bool, device=t.primary.device)
+                      for t in batch.streams.values()], dim=1)
 
 
 def build_vit_mae(modalities: dict, decoders: dict[str, DecoderConfig], config: ModelConfig,
@@ -486,6 +507,9 @@ def build_vit_mae(modalities: dict, decoders: dict[str, DecoderConfig], config: 
     (`Modality.input_adapter`, `Modality.decoder`) around one ViT encoder. A `vocab` head
     shares its output matrix with the stream's input embedding (BERT's tied weights)."""
     cfg = config.resolved()
+    if cfg.encoder_options:
+        raise ConfigError(f"model.encoder_options {sorted(cfg.encoder_options)}: the vit encoder takes none (its "
+                          "settings are model.width, depth, heads, ...)")
     adapters = {name: modality.input_adapter(cfg.width, cfg) for name, modality in modalities.items()}
     heads = {name: modality.decoder(decoders[name], cfg.width, cfg) for name, modality in modalities.items()}
     model = MaskedAutoencoder(adapters, ViTEncoder(cfg), heads, cfg, taps)

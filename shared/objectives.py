@@ -6,7 +6,8 @@ A recipe sums terms with weights:
       pixel: {weight: 1.0, norm_pix: true}                 # single stream: the term reads it
       caption_mlm: {term: cross_entropy, stream: caption, weight: 0.5}
 
-Generic terms: `pixel` (MAE), `cross_entropy` (masked LM on ids), `contrastive`
+Generic terms: `pixel` (MAE), `cosine` (GraphMAE's scaled cosine error),
+`cross_entropy` (masked LM on ids), `contrastive`
 (InfoNCE between two streams, with its own projection heads and temperature).
 A term is an `nn.Module` registered in OBJECTIVES, built as
 `Term(stream=..., **options)`; `term(outputs, batch) -> scalar`. It may own
@@ -86,6 +87,27 @@ class PixelLoss(Objective):
             target = normalise_per_token(target)
         per_token = (outputs.pred(self.stream).float() - target).pow(2).mean(dim=-1)
         return weighted_mean(per_token, batch.target_weights(self.stream))
+
+
+@OBJECTIVES.register("cosine")
+class ScaledCosineError(Objective):
+    """GraphMAE's scaled cosine error: the mean over target tokens of (1 - cos(pred, target))^alpha.
+    alpha >= 1 down-weights targets already close (GraphMAE uses 1 to 3); unlike MSE it is
+    blind to the features' scale, which for sparse or one-hot features is what a decoder
+    would otherwise spend itself on."""
+
+    def __init__(self, stream: str, alpha: float = 2.0):
+        super().__init__(stream)
+        if alpha < 1:
+            raise ConfigError(f"objective cosine: alpha must be >= 1 (GraphMAE's scaling), got {alpha}")
+        self.alpha = alpha
+
+    def forward(self, outputs, batch):
+        weights = batch.target_weights(self.stream)
+        chosen = weights.bool()
+        pred, target = outputs.pred(self.stream)[chosen].float(), batch.streams[self.stream].values[chosen].float()
+        error = (1 - F.cosine_similarity(pred, target, dim=-1)).pow(self.alpha)
+        return error.mean() if error.numel() else pred.sum() * 0.0
 
 
 @OBJECTIVES.register("cross_entropy")

