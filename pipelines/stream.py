@@ -336,9 +336,15 @@ class ShardStream(IterableDataset):
             return sample, label_of(sample), self.decode(sample)
 
         def tokenize(record):
-            sample, label, payloads = record
-            generator = self.sample_generator(sample)
-            return sample, label, generator, self.tokenize(payloads, generator)
+            sample, label, payloads = record[:3]
+            if len(record) == 3:  # not tokenized with its group
+                generator = self.sample_generator(sample)
+                return sample, label, generator, self.tokenize(payloads, generator)
+            generator, tokens = record[3:]
+            for result in tokens.values():  # the first stream's BadInput, as tokenizing alone raises it
+                if isinstance(result, BadInput):
+                    raise result
+            return sample, label, generator, tokens
 
         def mask(record):
             sample, label, generator, tokens = record
@@ -347,12 +353,31 @@ class ShardStream(IterableDataset):
         start = time.perf_counter()
         decoded = self.good_ones(samples, decode, skipped)
         after_decode = time.perf_counter()
-        tokenized = self.good_ones(decoded, tokenize, skipped)
+        tokenized = self.good_ones(self.tokenize_group(decoded), tokenize, skipped)
         after_tokenize = time.perf_counter()
         items = self.good_ones(tokenized, mask, skipped)
         self.stage_seconds.update(decode=after_decode - start, tokenize=after_tokenize - after_decode,
                                   mask=time.perf_counter() - after_tokenize)
         return items
+
+    def tokenize_group(self, decoded: list[tuple]) -> list[tuple]:
+        """When every stream's modality tokenizes a group at once (an optional
+        `tokenize_many(payloads, generators, train)`, returning each record's Tokens, or the
+        BadInput its `tokenize` would raise), the decoded records with their generators and
+        {stream: Tokens or BadInput}, one call per stream for the group (the `tokenize`
+        stage raises a record's BadInput); else the records as they are (tokenized one by
+        one). Each record's generator serves its streams in the streams' order, as alone."""
+        if not decoded or not all(hasattr(spec.modality, "tokenize_many") for spec in self.streams):
+            return decoded
+        generators = [self.sample_generator(sample) for sample, _, _ in decoded]
+        tokens: list[dict] = [{} for _ in decoded]
+        for spec in self.streams:
+            made = spec.modality.tokenize_many([payloads[spec.name] for _, _, payloads in decoded], generators,
+                                               self.train)
+            for record_tokens, result in zip(tokens, made):
+                record_tokens[spec.name] = result
+        return [(*record, generator, record_tokens) for record, generator, record_tokens in
+                zip(decoded, generators, tokens)]
 
     def good_ones(self, records: list, stage, skipped: Counter) -> list:
         """`stage(record)` for each record; one whose stage raises BadInput is counted and left out."""

@@ -28,6 +28,9 @@ from torch import Tensor
 # what a token enters the encoder as (Mask.substitute); values >= 0 name a token id
 # (ids streams: BERT's random replacement) or a token index (value streams)
 AS_ITSELF, AS_MASK_TOKEN = -1, -2
+# how `stack_batch` fills a ragged column's padding: a value, or INDEX, the padded position's own
+# index (a single stream's ids_shuffle / ids_restore, where padding maps to itself)
+INDEX = "index"
 
 
 @dataclass
@@ -135,12 +138,21 @@ class Mask:
         if valid is not None and real < n:
             scores = torch.where(valid, scores.float(), torch.full_like(scores, torch.inf, dtype=torch.float32))
         order = torch.argsort(scores, dim=-1, stable=True)  # ascending: visible, hidden, padding
+        if encoder_reads_hidden and scores.dim() == 1:  # every real token an encoder input, in its order
+            hidden = torch.zeros(n, dtype=torch.bool)
+            hidden[order[real - num_hidden:real]] = True
+            if valid is None or real == n:  # no padding: the identity, its own inverse
+                inputs = torch.arange(n)
+                return cls(hidden=hidden, ids_shuffle=inputs, ids_restore=inputs, num_visible=real)
+            inputs = torch.cat([valid.nonzero().flatten(), (~valid).nonzero().flatten()])
+            return cls(hidden=hidden, ids_shuffle=inputs, ids_restore=inverse_permutation(inputs), num_visible=real)
         rank = inverse_permutation(order)
         hidden = (rank >= real - num_hidden) & (rank < real)
-        if encoder_reads_hidden:  # every real token is an encoder input, in its own order
-            order = torch.cat([torch.arange(n)[: real] if valid is None else valid.nonzero().flatten(),
-                               (~valid).nonzero().flatten() if valid is not None else order[:0]])
-            return cls(hidden=hidden, ids_shuffle=order, ids_restore=inverse_permutation(order), num_visible=real)
+        if encoder_reads_hidden:  # rows of scores at once: every token an encoder input, in its order
+            if valid is not None and real < valid.numel():
+                raise ValueError("encoder_reads_hidden with padding needs one sample's scores at a time")
+            inputs = torch.arange(n).expand_as(order)
+            return cls(hidden=hidden, ids_shuffle=inputs, ids_restore=inputs, num_visible=real)
         return cls(hidden=hidden, ids_shuffle=order, ids_restore=rank, num_visible=real - num_hidden)
 
 
@@ -231,9 +243,16 @@ class Batch:
 
 # -- batching ---------------------------------------------------------------------------------------
 
-def stack_batch(columns: list[list[Tensor]], allocate: Callable[[int], Tensor] | None = None) -> list[Tensor]:
-    """Each column of per-sample tensors stacked along a new first axis, padded with zeros
-    along the first per-sample axis to the column's longest, all into one block of memory.
+def stack_batch(columns: list, allocate: Callable[[int], Tensor] | None = None,
+                fills: list | None = None) -> list[Tensor]:
+    """Each column of per-sample tensors stacked along a new first axis, padded along the
+    first per-sample axis to the column's longest, all into one block of memory. A column
+    may also be one tensor already batched, copied in as it is.
+
+    `fills[c]` is what column c's padding holds: 0 by default, another value, or INDEX
+    (the padded position's own index, for 1-D index columns). The padding is written
+    straight into the block and the samples' tokens go in with one copy per column
+    (their concatenation scattered to the padded rows), not one per sample.
 
     `allocate(nbytes)` gives the block (uint8); by default it is ordinary memory. The data
     loader passes its workers' shared-memory ring (pipelines/transport.py): one block per
@@ -241,21 +260,36 @@ def stack_batch(columns: list[list[Tensor]], allocate: Callable[[int], Tensor] |
     layout, total = [], 0
     for column in columns:
         total = -(-total // 64) * 64  # every tensor starts on a cache line, so any dtype is aligned
-        shape = (len(column), *column[0].shape) if column[0].dim() == 0 else \
-            (len(column), max(t.shape[0] for t in column), *column[0].shape[1:])
-        nbytes = column[0].element_size() * int(torch.Size(shape).numel())
-        layout.append((total, nbytes, shape))
+        if isinstance(column, Tensor):
+            shape, dtype = tuple(column.shape), column.dtype
+            lengths = None
+        else:
+            first = column[0]
+            dtype, lengths = first.dtype, None if first.dim() == 0 else tuple(t.shape[0] for t in column)
+            shape = (len(column), *first.shape) if lengths is None else (len(column), max(lengths), *first.shape[1:])
+            if lengths is not None and min(lengths) == shape[1]:
+                lengths = None  # nothing to pad
+        nbytes = (column if isinstance(column, Tensor) else column[0]).element_size() * int(torch.Size(shape).numel())
+        layout.append((total, nbytes, shape, dtype, lengths))
         total += nbytes
     block = allocate(total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
-    stacked = []
-    for column, (offset, nbytes, shape) in zip(columns, layout):
-        out = block[offset:offset + nbytes].view(column[0].dtype).view(shape)
-        if column[0].dim() == 0 or all(t.shape[0] == shape[1] for t in column):
+    stacked, rows_of = [], {}
+    for c, (column, (offset, nbytes, shape, dtype, lengths)) in enumerate(zip(columns, layout)):
+        out = block[offset:offset + nbytes].view(dtype).view(shape)
+        if isinstance(column, Tensor):
+            out.copy_(column)
+        elif lengths is None:
             torch.stack(column, out=out)
         else:
-            out.zero_()
-            for row, tensor in zip(out, column):
-                row[: tensor.shape[0]].copy_(tensor)
+            if lengths not in rows_of:  # where the samples' tokens go in the flattened [B * N_max] rows
+                real = torch.arange(shape[1]) < torch.tensor(lengths)[:, None]
+                rows_of[lengths] = real.view(-1).nonzero().flatten()
+            fill = 0 if fills is None or fills[c] is None else fills[c]
+            if fill == INDEX:
+                out.copy_(torch.arange(shape[1], dtype=dtype).expand(shape))
+            else:
+                out.fill_(fill)
+            out.view(shape[0] * shape[1], *shape[2:]).index_copy_(0, rows_of[lengths], torch.cat(column))
         stacked.append(out)
     return stacked
 
@@ -300,7 +334,8 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], sk
     for streams, _, _, key in items:
         if list(streams) != names:
             raise ValueError(f"record {key!r} has streams {list(streams)}, the batch {names}")
-    columns: dict[str, list[Tensor]] = {}
+    columns: dict[str, list[Tensor] | Tensor] = {}
+    fills: dict[str, Any] = {}
     padded, lengths_per_stream = {}, {}
     for name in names:
         per_sample = [streams[name] for streams, _, _, _ in items]
@@ -314,21 +349,38 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], sk
         for part in ("values", "ids", "coords"):
             if getattr(first, part) is not None:
                 columns[f"{name}/{part}"] = [getattr(t, part) for t in per_sample]
-        if ragged or first.valid is not None:
+        if all(t.valid is None for t in per_sample):
+            if ragged:  # real where a position is under the sample's length: one comparison for the batch
+                columns[f"{name}/valid"] = torch.arange(padded[name])[None, :] < torch.tensor(lengths)[:, None]
+        else:
             columns[f"{name}/valid"] = [t.valid if t.valid is not None else torch.ones(t.num_tokens, dtype=torch.bool)
                                         for t in per_sample]
         for part in first.fields:
             columns[f"{name}/fields/{part}"] = [t.fields[part] for t in per_sample]
-    masks = [joint_mask([m[n] for n in names], [lengths_per_stream[n][i] for n in names], [padded[n] for n in names])
-             for i, (_, m, _, _) in enumerate(items)]
+    if len(names) == 1:
+        # one stream: its masks padded in the block are what joint_mask would give (the padding
+        # neither hidden nor decoded, entering as itself, and last in ids_shuffle: at its own index)
+        masks = [m[names[0]] for _, m, _, _ in items]
+        columns["mask/hidden"] = [m.hidden for m in masks]
+        columns["mask/ids_shuffle"] = [m.ids_shuffle for m in masks]
+        columns["mask/ids_restore"] = [m.ids_restore for m in masks]
+        fills.update({"mask/ids_shuffle": INDEX, "mask/ids_restore": INDEX, "mask/substitute": AS_ITSELF})
+        if any(m.decode is not None for m in masks):
+            columns["mask/decode"] = [m.decode if m.decode is not None else m.hidden for m in masks]
+        if any(m.substitute is not None for m in masks):
+            columns["mask/substitute"] = [m.substitute if m.substitute is not None else
+                                          torch.full(m.hidden.shape, AS_ITSELF) for m in masks]
+    else:
+        masks = [joint_mask([m[n] for n in names], [lengths_per_stream[n][i] for n in names],
+                            [padded[n] for n in names]) for i, (_, m, _, _) in enumerate(items)]
+        for part in ("hidden", "ids_shuffle", "ids_restore", "decode", "substitute"):
+            if getattr(masks[0], part) is not None:
+                columns[f"mask/{part}"] = [getattr(m, part) for m in masks]
     visible = [m.num_visible for m in masks]
-    for part in ("hidden", "ids_shuffle", "ids_restore", "decode", "substitute"):
-        if getattr(masks[0], part) is not None:
-            columns[f"mask/{part}"] = [getattr(m, part) for m in masks]
     labels = [lab for _, _, lab, _ in items]
     if all(lab is not None for lab in labels):
         columns["labels"] = [torch.as_tensor(lab) for lab in labels]
-    out = dict(zip(columns, stack_batch(list(columns.values()), allocate)))
+    out = dict(zip(columns, stack_batch(list(columns.values()), allocate, [fills.get(c) for c in columns])))
 
     streams = {}
     for name in names:

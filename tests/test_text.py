@@ -28,7 +28,7 @@ from polymae.pipelines.runs import build_parts, load_run
 from polymae.pipelines.shards import write_shards
 from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
 from polymae.shared.config import load_config
-from polymae.shared.errors import ConfigError
+from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.packaged_data import PackagedDataError
 from polymae.shared.tokens import AS_ITSELF, Mask, Tokens, collate
 
@@ -367,3 +367,69 @@ def test_a_tokenizer_that_does_not_load_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(broken) in lines[0] and "Traceback" not in result.stderr
+
+
+def test_the_uniform_fast_path_hides_exact_counts_and_draws_80_10_10():
+    """BERT's fast path (one float64 draw per maskable sub-word and per hidden one, numpy
+    index work): exactly max(1, round(0.15 x maskable)) hidden, never a special token,
+    the same mask from the same seed, every maskable position as likely, 80/10/10 substitutes
+    with the random ones uniform over the regular sub-words; padded into a batch, padding
+    is never hidden and enters as itself."""
+    from polymae.modalities.text.masking import BertMasker, MeapMasker
+
+    masker = BertMasker(0.15, mask_id=4, vocab_size=1000, first_regular_id=5)
+    counts, seen, random_ids = {"mask": 0, "random": 0, "kept": 0}, torch.zeros(40), []
+    items = []
+    for seed in range(600):
+        n = 10 + seed % 31
+        special = torch.zeros(n, dtype=torch.bool)
+        special[[0, -1]] = True
+        tokens = Tokens(ids=torch.randint(5, 1000, (n,)), fields={"special": special, "word_ids": torch.arange(n)})
+        mask = masker(tokens, torch.Generator().manual_seed(seed))
+        again = masker(tokens, torch.Generator().manual_seed(seed))
+        assert torch.equal(mask.hidden, again.hidden) and torch.equal(mask.substitute, again.substitute)
+        assert int(mask.hidden.sum()) == max(1, round(0.15 * (n - 2)))
+        assert not (mask.hidden & special).any() and mask.num_visible == n
+        assert torch.equal(mask.ids_shuffle, torch.arange(n)) and torch.equal(mask.ids_restore, torch.arange(n))
+        assert (mask.substitute[~mask.hidden] == AS_ITSELF).all()
+        sub = mask.substitute[mask.hidden]
+        counts["mask"] += int((sub == 4).sum())
+        counts["kept"] += int((sub == AS_ITSELF).sum())
+        random_ids += sub[(sub >= 0) & (sub != 4)].tolist()
+        if seed < 32:
+            items.append(({"text": tokens}, {"text": mask}, None, str(seed)))
+    counts["random"] = len(random_ids)
+    total = sum(counts.values())
+    assert 0.76 < counts["mask"] / total < 0.84, counts
+    assert 0.07 < counts["random"] / total < 0.13 and 0.07 < counts["kept"] / total < 0.13, counts
+    assert min(random_ids) >= 5 and max(random_ids) < 1000 and 350 < sum(random_ids) / len(random_ids) < 650
+    special = torch.zeros(40, dtype=torch.bool)
+    special[[0, -1]] = True
+    forty = Tokens(ids=torch.randint(5, 1000, (40,)), fields={"special": special, "word_ids": torch.arange(40)})
+    for seed in range(500):
+        seen += masker(forty, torch.Generator().manual_seed(10_000 + seed)).hidden.float()
+    assert seen[[0, -1]].sum() == 0 and 45 < seen[1:-1].min() and seen[1:-1].max() < 120  # each ~79 times
+    batch = collate(items)
+    padding = ~batch.streams["text"].valid
+    assert padding.any() and not (batch.mask.hidden & padding).any()
+    assert (batch.mask.substitute[padding] == AS_ITSELF).all()
+    assert torch.equal(torch.gather(batch.mask.ids_shuffle, 1, batch.mask.ids_restore),
+                       torch.arange(padding.shape[1]).expand_as(padding))
+    meap = MeapMasker(0.15, mask_id=4, vocab_size=1000)
+    mask = meap(items[0][0]["text"], torch.Generator().manual_seed(0))
+    assert (mask.substitute[mask.hidden] == 4).all() and (mask.substitute[~mask.hidden] == AS_ITSELF).all()
+
+
+def test_tokenize_many_gives_what_tokenize_gives(text, fortunes):
+    payloads = [text.decode(s) for s in fortunes[:60]] + ["a", max((text.decode(s) for s in fortunes), key=len)]
+    many = text.tokenize_many(payloads, [torch.Generator().manual_seed(i) for i in range(len(payloads))], True)
+    for i, (payload, got) in enumerate(zip(payloads, many)):
+        try:
+            alone = text.tokenize(payload, torch.Generator().manual_seed(i), True)
+        except BadInput as error:
+            assert isinstance(got, BadInput) and got.kind == error.kind
+            continue
+        assert torch.equal(got.ids, alone.ids) and torch.equal(got.coords, alone.coords)
+        assert got.fields.keys() == alone.fields.keys()
+        assert all(torch.equal(got.fields[k], alone.fields[k]) for k in got.fields)
+    assert isinstance(many[-2], BadInput) and many[-2].kind == "too_short"

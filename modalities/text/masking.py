@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,9 +25,16 @@ from polymae.shared.tokens import AS_ITSELF, Mask, Tokens
 
 
 class SubwordMasker(Masker):
-    """Base of the text maskers: exact counts over maskable tokens, BERT's substitutions."""
+    """Base of the text maskers: exact counts over maskable tokens, BERT's substitutions.
+
+    A masker whose scores are plain uniform noise (`uniform_scores`: BERT, MEAP) takes a
+    fast path for a text without padding: one float64 draw per maskable token ranks them
+    (the lowest `num_hidden` draws are hidden: the same uniform choice of a subset the
+    scores give) and one per hidden token picks its substitute; the index work is numpy
+    on a few dozen sub-words, where a torch call costs several microseconds each."""
 
     encoder_reads_hidden = True
+    uniform_scores = False  # scores() is i.i.d. uniform noise: the fast path draws the same choice
 
     def __init__(self, ratio: float = 0.15, *, mask_id: int, vocab_size: int, first_regular_id: int = 0,
                  mask_share: float = 0.8, random_share: float = 0.1):
@@ -42,25 +50,57 @@ class SubwordMasker(Masker):
         maskable = torch.ones(tokens.num_tokens, dtype=torch.bool) if special is None else ~special
         return maskable if tokens.valid is None else maskable & tokens.valid
 
-    def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
-        maskable = self.maskable(tokens)
-        count = int(maskable.sum())
+    def count(self, maskable: int, num_hidden: int | None) -> int:
+        """How many of `maskable` sub-words to hide: round(ratio x maskable), at least one, as
+        BERT's data collator counts (or the caller's `num_hidden`, at most `maskable`)."""
         if num_hidden is None:
-            num_hidden = min(count, max(1, int(round(self.ratio * count)))) if count else 0
+            num_hidden = max(1, int(round(self.ratio * maskable))) if maskable else 0
+        return min(num_hidden, maskable)
+
+    def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
+        if self.uniform_scores and tokens.valid is None and tokens.ids is not None and tokens.ids.dim() == 1:
+            return self.uniform_mask(tokens, generator, num_hidden)
+        maskable = self.maskable(tokens)
+        count = self.count(int(maskable.sum()), num_hidden)
         scores = self.scores(tokens, generator).float().masked_fill(~maskable, -math.inf)
-        mask = Mask.from_scores(scores, min(num_hidden, count), tokens.valid, encoder_reads_hidden=True)
-        mask.substitute = self.substitutes(tokens, mask.hidden, generator)
+        mask = Mask.from_scores(scores, count, tokens.valid, encoder_reads_hidden=True)
+        chosen = mask.hidden.nonzero().flatten().numpy()
+        u = torch.rand(len(chosen), generator=generator, dtype=torch.float64).numpy()
+        mask.substitute = torch.from_numpy(self.substitutes(tokens.num_tokens, chosen, u))
         return mask
 
-    def substitutes(self, tokens: Tokens, hidden: Tensor, generator: torch.Generator) -> Tensor:
-        """BERT's corruption of the hidden tokens: [MASK], a random regular sub-word, or itself."""
-        u = torch.rand(hidden.shape, generator=generator)
-        random_ids = torch.randint(self.first_regular_id, self.vocab_size, hidden.shape, generator=generator)
-        substitute = torch.full(hidden.shape, AS_ITSELF, dtype=torch.long)
-        as_mask = hidden & (u < self.mask_share)
-        as_random = hidden & (u >= self.mask_share) & (u < self.mask_share + self.random_share)
-        substitute[as_mask] = self.mask_id
-        substitute[as_random] = random_ids[as_random]
+    def uniform_mask(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None) -> Mask:
+        """The fast path (see the class docstring) for one unpadded text."""
+        n = tokens.num_tokens
+        special = tokens.fields.get("special")
+        positions = np.arange(n) if special is None else (~special.numpy()).nonzero()[0]
+        maskable = len(positions)
+        count = self.count(maskable, num_hidden)
+        draws = torch.rand(maskable + count, generator=generator, dtype=torch.float64).numpy()
+        if count < maskable:  # the `count` lowest draws: a uniformly random subset of that size
+            positions = positions[np.argpartition(draws[:maskable], count)[:count]] if count else positions[:0]
+        hidden = np.zeros(n, dtype=bool)
+        hidden[positions] = True
+        order = torch.from_numpy(np.arange(n))  # every token an encoder input, in order: its own inverse
+        return Mask(hidden=torch.from_numpy(hidden), ids_shuffle=order, ids_restore=order, num_visible=n,
+                    substitute=torch.from_numpy(self.substitutes(n, positions, draws[maskable:])))
+
+    def substitutes(self, n: int, chosen: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """BERT's corruption of the hidden tokens `chosen` (indices), from one uniform draw
+        `u` each: [MASK] below mask_share, then a random regular sub-word for the next
+        random_share (the draw's place in that interval picks it, uniformly: a float64 draw
+        has 53 bits, far more than a vocabulary needs), else the token itself.
+        Returns long [n]: AS_ITSELF everywhere but at the [MASK] and random ones. (A text
+        hides a handful of sub-words: a Python loop over them beats numpy's per-call cost.)"""
+        substitute = np.empty(n, dtype=np.int64)
+        substitute.fill(AS_ITSELF)
+        if len(chosen):
+            as_mask, as_random, mask_id = self.mask_share, self.mask_share + self.random_share, self.mask_id
+            first, scale = self.first_regular_id, (self.vocab_size - self.first_regular_id) / max(self.random_share, 1e-300)
+            last = self.vocab_size - 1
+            substitute[chosen] = [mask_id if x < as_mask else
+                                  min(first + int((x - as_mask) * scale), last) if x < as_random else AS_ITSELF
+                                  for x in u.tolist()]
         return substitute
 
     def __repr__(self) -> str:
@@ -70,6 +110,8 @@ class SubwordMasker(Masker):
 @MASKERS.register("bert")
 class BertMasker(SubwordMasker):
     """BERT: a uniformly random 15% of the sub-words."""
+
+    uniform_scores = True
 
     def scores(self, tokens, generator):
         return torch.rand(tokens.num_tokens, generator=generator)
@@ -121,6 +163,8 @@ class MeapMasker(SubwordMasker):
     sub-words enters a causal decoder as [MASK]; the objective stays next-token prediction
     over every position, so training costs what plain next-token prediction costs. No
     random or kept substitutes: every hidden token is [MASK]."""
+
+    uniform_scores = True
 
     def __init__(self, ratio: float = 0.15, **options):
         options.update(mask_share=1.0, random_share=0.0)

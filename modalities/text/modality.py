@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -142,14 +143,54 @@ class TextModality(Modality):
 
     # -- tokenizer --------------------------------------------------------
     def tokenize(self, payload: str, generator: torch.Generator, train: bool = True) -> Tokens:
-        o = self.options
-        windows, _ = self.tokenizer.encode_windows(payload, o.max_tokens, o.min_tokens)
+        return self.document_tokens(self.tokenizer.encode(payload, add_special_tokens=False), generator, train)
+
+    def tokenize_many(self, payloads: list[str], generators: list[torch.Generator],
+                      train: bool = True) -> list[Tokens | BadInput]:
+        """`tokenize` of each payload (the same Tokens from the same generators), with one
+        tokenizer call for all of them (`encode_batch`: the tokenizer's code stays in cache
+        from text to text, 10-20% off its time when each text is interleaved with the rest
+        of the pipeline); a payload that `tokenize` would reject gives its BadInput instead."""
+        out: list[Tokens | BadInput] = []
+        for encoded, generator in zip(self.tokenizer.encode_many(payloads), generators):
+            try:
+                out.append(self.document_tokens(encoded, generator, train))
+            except BadInput as error:
+                out.append(error)
+        return out
+
+    def document_tokens(self, encoded, generator: torch.Generator, train: bool) -> Tokens:
+        """A document's (ids, word_ids) without special tokens -> the Tokens of one window."""
+        o, t = self.options, self.tokenizer
+        ids, word_ids = encoded
+        if len(ids) <= o.max_tokens - t.num_special_tokens:  # one window holds it all (most texts)
+            if len(ids) < o.min_tokens:
+                raise BadInput("text", f"has fewer than min_tokens={o.min_tokens} sub-words", "too_short")
+            return self.window_tokens(ids, word_ids)
+        windows, _ = t.encode_windows("", o.max_tokens, o.min_tokens, encoded=encoded)
         if not windows:
             raise BadInput("text", f"has fewer than min_tokens={o.min_tokens} sub-words", "too_short")
         pick = int(torch.randint(0, len(windows), (1,), generator=generator)) if train and len(windows) > 1 else 0
-        ids, word_ids = windows[pick]
-        words = torch.tensor([-1 if w is None else w for w in word_ids], dtype=torch.long)
-        return Tokens(ids=torch.tensor(ids, dtype=torch.long), fields={"word_ids": words, "special": words < 0})
+        return self.window_tokens(*windows[pick], specials_added=True)
+
+    def window_tokens(self, ids: list[int], word_ids: list[int | None], specials_added: bool = False) -> Tokens:
+        """Tokens of one window: ids, positions, word ids (-1 on special tokens) and `special`,
+        built through numpy (one array per list: torch.tensor of a Python list costs several
+        times more) with the tokenizer's prefix and suffix added unless `specials_added`."""
+        t = self.tokenizer
+        before, after = (0, 0) if specials_added else (len(t.prefix), len(t.suffix))
+        n = before + len(ids) + after
+        ids_array, words = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        ids_array[before:n - after] = ids
+        if None in word_ids:  # special tokens inside the window (added ones, or its own prefix)
+            word_ids = [-1 if w is None else w for w in word_ids]
+        words[before:n - after] = word_ids
+        if not specials_added:
+            ids_array[:before], ids_array[n - after:] = t.prefix, t.suffix
+            words[:before], words[n - after:] = -1, -1
+        positions = torch.from_numpy(np.arange(n, dtype=np.float32).reshape(n, 1))
+        return Tokens(ids=torch.from_numpy(ids_array), coords=positions,
+                      fields={"word_ids": torch.from_numpy(words), "special": torch.from_numpy(words < 0)})
 
     def untokenize(self, tokens: Tokens) -> list[str]:
         ids = tokens.ids if tokens.ids.dim() == 2 else tokens.ids[None]

@@ -76,17 +76,23 @@ class TextTokenizer:
         """(ids, word_ids): the sub-word ids and, per id, the index of the word it is part
         of (None for special tokens), for whole-word masking."""
         encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return list(encoding.ids), list(encoding.word_ids)
+        return encoding.ids, encoding.word_ids  # each a new list
+
+    def encode_many(self, texts: list[str], add_special_tokens: bool = False) -> list[Window]:
+        """`encode` of each text, in one call of the tokenizer (`encode_batch`)."""
+        return [(e.ids, e.word_ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def add_special_tokens(self, ids: list[int], word_ids: list[int | None]) -> Window:
         """A window of sub-words with the tokenizer's prefix and suffix ([CLS] ... [SEP])."""
         return ([*self.prefix, *ids, *self.suffix],
                 [*([None] * len(self.prefix)), *word_ids, *([None] * len(self.suffix))])
 
-    def encode_windows(self, text: str, max_tokens: int, min_tokens: int = 1) -> tuple[list[Window], int]:
+    def encode_windows(self, text: str, max_tokens: int, min_tokens: int = 1,
+                       encoded: Window | None = None) -> tuple[list[Window], int]:
         """A document as windows of at most `max_tokens` ids, special tokens included;
-        (windows, how many windows under `min_tokens` sub-words were dropped)."""
-        ids, word_ids = self.encode(text, add_special_tokens=False)
+        (windows, how many windows under `min_tokens` sub-words were dropped). `encoded`:
+        the text's `encode(text, add_special_tokens=False)` when the caller has it already."""
+        ids, word_ids = encoded if encoded is not None else self.encode(text, add_special_tokens=False)
         cut, dropped = windows(ids, word_ids, max_tokens - self.num_special_tokens, min_tokens)
         return [self.add_special_tokens(*window) for window in cut], dropped
 
