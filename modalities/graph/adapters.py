@@ -287,7 +287,7 @@ def networkx_graph(g, source: str) -> tuple[dict, object, list | None]:
     pairs = [(index[u], index[v]) for u, v in g.edges]
     if not g.is_directed():
         pairs += [(v, u) for u, v in pairs]
-    edge_index = torch.tensor(pairs, dtype=torch.long).T.reshape(2, -1)
+    edge_index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
     data = dict(g.nodes(data=True))
     keys = sorted({k for attrs in data.values() for k, v in attrs.items()
                    if k != "label" and isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -312,8 +312,8 @@ def networkx_graph(g, source: str) -> tuple[dict, object, list | None]:
 def read_networkx_file(path: Path, level: str, hops: int, max_nodes: int) -> Iterable[dict]:
     import networkx as nx
 
-    readers = {".graphml": nx.read_graphml, ".gml": nx.read_gml, ".edgelist": nx.read_edgelist,
-               ".edges": nx.read_edgelist}
+    readers = {".graphml": nx.read_graphml, ".gml": lambda p: nx.read_gml(p, label="id"),  # GML's "label" is data
+               ".edgelist": nx.read_edgelist, ".edges": nx.read_edgelist}
     try:
         g = readers[path.suffix](str(path))
     except Exception as error:  # networkx raises many kinds for a malformed file
@@ -381,7 +381,7 @@ def read_csv_folder(folder: Path, level: str, hops: int, max_nodes: int) -> Iter
         pairs.append((ids[row[0]], ids[row[1]]))
         if len(row) > 2:
             weights.append(float(row[2]))
-    graph = {"x": x, "edge_index": torch.tensor(pairs, dtype=torch.long).T.reshape(2, -1)}
+    graph = {"x": x, "edge_index": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T}
     if weights and len(weights) == len(pairs):
         graph["edge_weight"] = torch.tensor(weights)
     node_labels = None
