@@ -276,10 +276,10 @@ def test_a_padded_batch_reads_exactly_as_torch_geometric_batches_the_same_graphs
     assert bool((ours[~real] == 0).all())
 
 
-def gat_batch(seed: int = 0):
+def gat_batch(seed: int = 0, *overrides: str):
     real_or_skip(adapters.fetch_drosophila)
     parts = build_parts(load_config("graph/graphmae_nodes.yaml", ["data.shards=/nonexistent", "modality_options.features=418",
-                                                                  "modality_options.edge_features=0"]))
+                                                                  "modality_options.edge_features=0", *overrides]))
     spec = parts.streams[0]
     generator = torch.Generator().manual_seed(seed)
     samples = every("drosophila", max_nodes=24)[0][::26][:8]  # small and large neighbourhoods: padding
@@ -290,26 +290,34 @@ def gat_batch(seed: int = 0):
     return parts, collate(items)
 
 
-def test_hidden_nodes_features_never_reach_the_model_and_their_codes_are_remasked():
-    parts, batch = gat_batch()
+@pytest.mark.parametrize("encoder", ["gat", "gcn", "vit"])
+def test_hidden_nodes_features_never_reach_the_model(encoder):
+    parts, batch = gat_batch(0, f"model.encoder={encoder}", "model.width=64", "model.heads=2", "model.decoder_width=64",
+                             "model.decoder_depth=1", "model.decoder_heads=2")
     model = parts.model.eval()
     tokens = batch.streams["graph"]
-    assert tokens.valid is not None and not bool(tokens.valid.all())
     as_mask = batch.mask.substitute == AS_MASK_TOKEN
-    assert bool(as_mask.any())
     with torch.no_grad():
         before = model(batch).pred("graph")
         tokens.values[as_mask] = torch.randn_like(tokens.values[as_mask]) * 10   # what a leak would show
         after = model(batch).pred("graph")
     torch.testing.assert_close(before, after)
 
+
+def test_gat_remasks_the_hidden_codes_before_its_decoder_and_pads_nothing_into_it():
+    parts, batch = gat_batch()
+    model = parts.model.eval()
+    tokens = batch.streams["graph"]
+    assert tokens.valid is not None and not bool(tokens.valid.all())   # graphs of several sizes, padded
     seen = {}
     model.decoder.register_forward_pre_hook(lambda module, args: seen.update(input=args[0]))
     with torch.no_grad():
-        model(batch)
+        pred = model(batch).pred("graph")
     real = tokens.valid.reshape(-1)
+    assert seen["input"].shape[0] == int(real.sum())                    # the GNN sees real nodes only
     hidden = batch.mask.hidden.reshape(-1)[real]
     assert bool((seen["input"][hidden] == 0).all()) and bool((seen["input"][~hidden] != 0).any())
+    assert bool((pred[~tokens.valid] == 0).all())
 
 
 def test_scaled_cosine_error_is_graphmaes_formula_on_hidden_nodes_only():
@@ -374,12 +382,10 @@ def test_nodes_recipe_and_the_transformer_path_train_and_probe_held_out_neurons(
     probe = summary["probe"]
     assert probe["pretrained"]["val_samples"] > 40 and probe["pretrained"]["train_samples"] > 100
     # the shared transformer over node tokens: random-walk coords, mask token in, re-mask before its decoder
-    config = load_config("graph/graphmae_nodes.yaml", [
+    summary = pretrain(load_config("graph/graphmae_nodes.yaml", [
         f"data.shards={shards}", f"out_dir={tmp_path / 'vit'}", "model.encoder=vit", "model.width=64",
         "model.depth=2", "model.heads=2", "model.decoder_width=64", "model.decoder_depth=1", "model.decoder_heads=2",
-        "trainer.max_steps=30", *QUICK])
-    config.model.encoder_options = {}                                   # the GAT's options mean nothing to a ViT
-    summary = pretrain(config)
+        "trainer.max_steps=30", *QUICK]))
     curve = loss_curve(summary)
     assert sum(curve[-2:]) < sum(curve[:2]), curve
     assert set(summary["probe"]) == {"raw", "random_init", "pretrained"}
