@@ -12,6 +12,7 @@ node whose features they take). Every hidden node is a reconstruction target.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from polymae.shared.masking import Masker
@@ -36,15 +37,24 @@ class GraphMAEMasker(Masker):
         real = tokens.num_real
         if num_hidden is None:
             num_hidden = hidden_count(real, self.ratio)
-        mask = Mask.from_scores(self.scores(tokens, generator), num_hidden, tokens.valid, encoder_reads_hidden=True)
-        hidden = mask.hidden.nonzero().flatten()
-        hidden = hidden[torch.randperm(len(hidden), generator=generator)]
+        if tokens.valid is not None:
+            mask = Mask.from_scores(self.scores(tokens, generator), num_hidden, tokens.valid, encoder_reads_hidden=True)
+            chosen = mask.hidden.numpy()
+        else:  # what from_scores gives here, in numpy: a sample's graph is tens of nodes, where each torch op's
+            # overhead was the cost (masking a solubility molecule: 285 -> 64 us, benchmarks/graph_step.py)
+            n = tokens.num_tokens
+            order = np.argsort(self.scores(tokens, generator).numpy(), kind="stable")  # as torch's stable argsort
+            chosen = np.zeros(n, dtype=bool)
+            chosen[order[real - num_hidden:real]] = True
+            inputs = torch.arange(n)  # every node an encoder input, in its order
+            mask = Mask(hidden=torch.from_numpy(chosen), ids_shuffle=inputs, ids_restore=inputs, num_visible=real)
+        hidden = np.flatnonzero(chosen)[torch.randperm(int(chosen.sum()), generator=generator).numpy()]
         num_replaced = int(self.replace_rate * len(hidden))
-        substitute = torch.full((tokens.num_tokens,), AS_ITSELF, dtype=torch.long)
+        substitute = np.full(tokens.num_tokens, AS_ITSELF, dtype=np.int64)
         substitute[hidden[num_replaced:]] = AS_MASK_TOKEN
         if num_replaced:  # another node's features; real nodes come first in a sample's own layout
-            substitute[hidden[:num_replaced]] = torch.randint(0, real, (num_replaced,), generator=generator)
-        mask.substitute = substitute
+            substitute[hidden[:num_replaced]] = torch.randint(0, real, (num_replaced,), generator=generator).numpy()
+        mask.substitute = torch.from_numpy(substitute)
         return mask
 
     def __repr__(self) -> str:
