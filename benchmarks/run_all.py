@@ -298,16 +298,16 @@ def graph_step_section(r: dict) -> list[str]:
             f"2. {b['molecules']} solubility molecules ({b['atoms']} atoms), decoded once into memory, batch "
             f"{b['batch']}, one process, {b['rounds']} rounds of both back to back (median): polymae runs what "
             f"ShardStream.prepare and make_batch run (a generator per molecule, the graph modality's `tokenize`, with "
-            f"its random-walk coords, the `graphmae` masker at 0.5 / replace_rate 0.1, `collate`); "
+            f"the recipe's options (no structural coords), the `graphmae` masker at 0.5 / replace_rate 0.1, `collate`); "
             f"`torch_geometric.loader.DataLoader` (num_workers=0) over the same graphs as `Data(x, edge_index, "
             f"edge_attr)` batches only: it does not mask, so the ratio without polymae's masking stage is beside it. "
             f"Same graphs in both: {'yes' if b['same_graphs'] else 'NO'}.", "",
             "| PyG DataLoader molecules/s | polymae molecules/s | ratio (target >= 0.9x) | polymae without its masking "
-            "stage | ratio | polymae per molecule: tokenize (coords) / mask / collate us | PyG per molecule us |",
+            "stage | ratio | polymae per molecule: tokenize / mask / collate us | PyG per molecule us |",
             "|---|---|---|---|---|---|---|",
             f"| {b['pyg_molecules_per_s']:.0f} | {b['polymae_molecules_per_s']:.0f} | **{b['ratio']:.2f}x** | "
             f"{b['polymae_minus_mask_molecules_per_s']:.0f} | {b['ratio_minus_mask']:.2f}x | {st['tokenize']:.0f} "
-            f"({b['coords_us']:.0f}) / {st['mask']:.0f} / {st['collate']:.0f} | {b['pyg_us']:.0f} |", "",
+            f"/ {st['mask']:.0f} / {st['collate']:.0f} | {b['pyg_us']:.0f} |", "",
             "Rounds (molecules/s, PyG / polymae): " + ", ".join(
                 f"{a:.0f} / {p:.0f}" for a, p in zip(b["all_runs"]["pyg"], b["all_runs"]["polymae"])) + "."]
 

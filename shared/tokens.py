@@ -404,6 +404,8 @@ def concat_edges(per_sample: list[Tokens], width: int) -> tuple[Tensor | None, d
     (sample b's token i is b * width + i, as PyG's Batch offsets graphs), with their fields."""
     if per_sample[0].edges is None:
         return None, {}
-    edges = torch.cat([t.edges + b * width for b, t in enumerate(per_sample)], dim=1)
+    counts = torch.tensor([t.edges.shape[1] for t in per_sample])
+    offsets = (torch.arange(len(per_sample)) * width).repeat_interleave(counts)  # one add, not one per sample
+    edges = torch.cat([t.edges for t in per_sample], dim=1) + offsets
     fields_ = {name: torch.cat([t.edge_fields[name] for t in per_sample]) for name in per_sample[0].edge_fields}
     return edges, fields_

@@ -250,6 +250,22 @@ def test_graphmae_masking_hides_exactly_and_substitutes_a_share_of_other_nodes(m
     assert 0.15 < replaced / (replaced + masked) <= 0.25                 # int() rounds each graph's share down
 
 
+def test_graphmae_masking_of_padded_tokens_never_hides_or_substitutes_padding(molecules):
+    modality = GraphModality()
+    masker = modality.masker("graphmae", 0.5, {"replace_rate": 0.5})
+    tokens = modality.tokenize(graphs_of(molecules[:1])[0], torch.Generator().manual_seed(0))
+    n = tokens.num_tokens
+    tokens.valid = torch.ones(n, dtype=torch.bool)
+    tokens.valid[[1, n - 1]] = False                                     # padding inside and at the end
+    for seed in range(30):
+        mask = masker(tokens, torch.Generator().manual_seed(seed))
+        assert int(mask.hidden.sum()) == round(0.5 * (n - 2)) and not bool(mask.hidden[~tokens.valid].any())
+        assert mask.num_visible == n - 2 and bool(tokens.valid[mask.ids_keep].all())
+        assert torch.equal(mask.ids_shuffle[mask.ids_restore], torch.arange(n))
+        taken = mask.substitute[mask.substitute >= 0]
+        assert bool(tokens.valid[taken].all())                          # features of real nodes only
+
+
 def test_a_padded_batch_reads_exactly_as_torch_geometric_batches_the_same_graphs(molecules):
     from torch_geometric.data import Batch as PygBatch, Data
 
@@ -383,7 +399,7 @@ def test_nodes_recipe_and_the_transformer_path_train_and_probe_held_out_neurons(
     assert probe["pretrained"]["val_samples"] > 40 and probe["pretrained"]["train_samples"] > 100
     # the shared transformer over node tokens: random-walk coords, mask token in, re-mask before its decoder
     summary = pretrain(load_config("graph/graphmae_nodes.yaml", [
-        f"data.shards={shards}", f"out_dir={tmp_path / 'vit'}", "model.encoder=vit", "model.width=64",
+        f"data.shards={shards}", f"out_dir={tmp_path / 'vit'}", "model.encoder=vit", "modality_options.structure=rwse", "model.width=64",
         "model.depth=2", "model.heads=2", "model.decoder_width=64", "model.decoder_depth=1", "model.decoder_heads=2",
         "trainer.max_steps=30", *QUICK]))
     curve = loss_curve(summary)

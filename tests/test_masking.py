@@ -19,7 +19,7 @@ import polymae.modalities  # noqa: F401  (registers every installed modality and
 from polymae.modalities.image.tokenizer import grid_coords, patchify
 from polymae.shared.masking import COLOUR_FILTERS, build_masker, colour_noise_bank
 from polymae.shared.registry import MASKERS
-from polymae.shared.tokens import Mask, Tokens, hidden_count
+from polymae.shared.tokens import AS_ITSELF, Mask, Tokens, hidden_count
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -134,12 +134,15 @@ def test_masker_contract(name, ratio, grid, image_tokens):
     # exact count, the same for every sample
     assert mask.hidden.shape == (n,) and mask.hidden.dtype == torch.bool
     assert int(mask.hidden.sum()) == expected_hidden
-    assert mask.num_visible == n - expected_hidden
-    assert mask.ids_keep.shape == (n - expected_hidden,) and mask.ids_hidden.shape == (expected_hidden,)
-
-    # polarity: True = hidden
-    assert bool(mask.hidden[mask.ids_hidden].all())
-    assert not bool(mask.hidden[mask.ids_keep].any())
+    if masker.encoder_reads_hidden:  # BERT-style (GraphMAE): every token enters the encoder, hidden ones corrupted
+        assert mask.num_visible == n and torch.equal(mask.ids_keep, torch.arange(n))
+        assert mask.substitute is not None and bool((mask.substitute[mask.hidden] != AS_ITSELF).all())
+    else:
+        assert mask.num_visible == n - expected_hidden
+        assert mask.ids_keep.shape == (n - expected_hidden,) and mask.ids_hidden.shape == (expected_hidden,)
+        # polarity: True = hidden
+        assert bool(mask.hidden[mask.ids_hidden].all())
+        assert not bool(mask.hidden[mask.ids_keep].any())
 
     # ids_shuffle is a permutation and ids_restore is its inverse
     assert torch.equal(torch.sort(mask.ids_shuffle).values, torch.arange(n))
@@ -147,6 +150,8 @@ def test_masker_contract(name, ratio, grid, image_tokens):
     shuffled = tokens.values[mask.ids_shuffle]
     restored = torch.gather(shuffled, 0, mask.ids_restore.unsqueeze(-1).expand_as(shuffled))
     assert torch.equal(restored, tokens.values)
+    if masker.encoder_reads_hidden:
+        return
     # and in MAE's batched form: encoder part + mask tokens, unshuffled
     visible = tokens.values[mask.ids_keep]
     filler = torch.full((expected_hidden, tokens.values.shape[-1]), -7.0)
@@ -179,7 +184,7 @@ def test_masker_keeps_one_visible_token(name):
     tokens = blank_tokens(2, 2)
     masker = make(name, 0.9, tokens)  # round(0.9 * 4) = 4 would hide everything
     mask = masker(tokens, torch.Generator().manual_seed(0))
-    assert int(mask.hidden.sum()) == 3 and mask.num_visible == 1
+    assert int(mask.hidden.sum()) == 3 and mask.num_visible == (4 if masker.encoder_reads_hidden else 1)
 
 
 @pytest.mark.parametrize("name", MASKER_NAMES)

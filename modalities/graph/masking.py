@@ -34,28 +34,34 @@ class GraphMAEMasker(Masker):
         return torch.rand(tokens.num_tokens, generator=generator)
 
     def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
-        real = tokens.num_real
+        n, real = tokens.num_tokens, tokens.num_real
         if num_hidden is None:
             num_hidden = hidden_count(real, self.ratio)
-        if tokens.valid is not None:
-            mask = Mask.from_scores(self.scores(tokens, generator), num_hidden, tokens.valid, encoder_reads_hidden=True)
-            chosen = mask.hidden.numpy()
-        else:  # what from_scores gives here, in numpy: a sample's graph is tens of nodes, where each torch op's
-            # overhead was the cost (masking a solubility molecule: 285 -> 64 us, benchmarks/graph_step.py)
-            n = tokens.num_tokens
-            order = np.argsort(self.scores(tokens, generator).numpy(), kind="stable")  # as torch's stable argsort
-            chosen = np.zeros(n, dtype=bool)
-            chosen[order[real - num_hidden:real]] = True
-            inputs = torch.arange(n)  # every node an encoder input, in its order
-            mask = Mask(hidden=torch.from_numpy(chosen), ids_shuffle=inputs, ids_restore=inputs, num_visible=real)
-        hidden = np.flatnonzero(chosen)[torch.randperm(int(chosen.sum()), generator=generator).numpy()]
-        num_replaced = int(self.replace_rate * len(hidden))
-        substitute = np.full(tokens.num_tokens, AS_ITSELF, dtype=np.int64)
+        if not 0 <= num_hidden <= real:
+            raise ValueError(f"cannot hide {num_hidden} of {real} nodes")
+        # One draw of 2 numbers per node, then numpy: a molecule is tens of nodes, where each torch op's fixed
+        # cost was the whole cost (benchmarks/graph_step.py). Per node: its hiding score, and which node's
+        # features it takes if it is replaced. The hidden nodes, in score order, are also a uniformly random
+        # order of them: its first `replace_rate` share is replaced.
+        draws = torch.rand(2, n, generator=generator, dtype=torch.float64).numpy()
+        scores, valid = draws[0], None if tokens.valid is None else tokens.valid.numpy()
+        if valid is not None:
+            scores = np.where(valid, scores, np.inf)  # padding last: never hidden
+        hidden = np.argsort(scores, kind="stable")[real - num_hidden:real]
+        chosen = np.zeros(n, dtype=bool)
+        chosen[hidden] = True
+        # every real node is an encoder input, in its own order, then the padding
+        inputs = np.arange(n) if valid is None or valid.all() else np.concatenate(
+            [np.flatnonzero(valid), np.flatnonzero(~valid)])
+        restore = inputs if valid is None or valid.all() else np.argsort(inputs)
+        num_replaced = int(self.replace_rate * num_hidden)
+        substitute = np.full(n, AS_ITSELF, dtype=np.int64)
         substitute[hidden[num_replaced:]] = AS_MASK_TOKEN
-        if num_replaced:  # another node's features; real nodes come first in a sample's own layout
-            substitute[hidden[:num_replaced]] = torch.randint(0, real, (num_replaced,), generator=generator).numpy()
-        mask.substitute = torch.from_numpy(substitute)
-        return mask
+        replaced = hidden[:num_replaced]  # another node's features, uniform over the real nodes
+        real_nodes = inputs[:real]
+        substitute[replaced] = real_nodes[np.minimum((draws[1, replaced] * real).astype(np.int64), real - 1)]
+        return Mask(hidden=torch.from_numpy(chosen), ids_shuffle=torch.from_numpy(inputs),
+                    ids_restore=torch.from_numpy(restore), num_visible=real, substitute=torch.from_numpy(substitute))
 
     def __repr__(self) -> str:
         return f"GraphMAEMasker(ratio={self.ratio}, replace_rate={self.replace_rate})"
