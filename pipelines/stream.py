@@ -315,9 +315,6 @@ class ShardStream(IterableDataset):
                                f"{spec.name} decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
         return decoded
 
-    def tokenize(self, payloads: dict, generator: torch.Generator) -> dict[str, Tokens]:
-        return {spec.name: spec.modality.tokenize(payloads[spec.name], generator, self.train) for spec in self.streams}
-
     def mask(self, tokens: dict[str, Tokens], generator: torch.Generator) -> dict[str, Mask]:
         """Each stream's mask: at its masker's ratio, or its share of the visible budget."""
         if self.visible_budget is None:
@@ -336,11 +333,7 @@ class ShardStream(IterableDataset):
             return sample, label_of(sample), self.decode(sample)
 
         def tokenize(record):
-            sample, label, payloads = record[:3]
-            if len(record) == 3:  # not tokenized with its group
-                generator = self.sample_generator(sample)
-                return sample, label, generator, self.tokenize(payloads, generator)
-            generator, tokens = record[3:]
+            sample, label, _, generator, tokens = record
             for result in tokens.values():  # the first stream's BadInput, as tokenizing alone raises it
                 if isinstance(result, BadInput):
                     raise result
@@ -361,13 +354,10 @@ class ShardStream(IterableDataset):
         return items
 
     def tokenize_group(self, decoded: list[tuple]) -> list[tuple]:
-        """When every stream's modality tokenizes a group at once (an optional
-        `tokenize_many(payloads, generators, train)`, returning each record's Tokens, or the
-        BadInput its `tokenize` would raise), the decoded records with their generators and
-        {stream: Tokens or BadInput}, one call per stream for the group (the `tokenize`
-        stage raises a record's BadInput); else the records as they are (tokenized one by
-        one). Each record's generator serves its streams in the streams' order, as alone."""
-        if not decoded or not all(hasattr(spec.modality, "tokenize_many") for spec in self.streams):
+        """The decoded records with their generators and {stream: Tokens or BadInput}: one
+        `Modality.tokenize_many` call per stream for the group (the `tokenize` stage raises a
+        record's BadInput). Each record's generator serves its streams in the streams' order."""
+        if not decoded:
             return decoded
         generators = [self.sample_generator(sample) for sample, _, _ in decoded]
         tokens: list[dict] = [{} for _ in decoded]

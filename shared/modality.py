@@ -82,6 +82,19 @@ class Modality:
     def tokenize(self, payload: Any, generator: torch.Generator, train: bool = True) -> Tokens:
         raise NotImplementedError
 
+    def tokenize_many(self, payloads: list[Any], generators: list[torch.Generator],
+                      train: bool = True) -> list[Tokens | BadInput]:
+        """`tokenize` of each payload with its record's generator, as the data stream calls it for
+        a group of records; a payload that `tokenize` rejects gives its BadInput in its place. A
+        modality whose tokenizer is faster on a group overrides it, with the same results."""
+        out: list[Tokens | BadInput] = []
+        for payload, generator in zip(payloads, generators):
+            try:
+                out.append(self.tokenize(payload, generator, train))
+            except BadInput as error:
+                out.append(error)
+        return out
+
     def finish(self, tokens: Tokens) -> Tokens:
         """The tokenizer's last step, run on a whole batch where it is consumed (after the
         move to the accelerator, when there is one) instead of in the data workers.
