@@ -483,7 +483,7 @@ class MaskedAutoencoder(nn.Module):
             return latent[:, 0]
         tokens = latent[:, self.num_prefix:]
         readout = readout_tokens(batch)
-        if readout is not None:  # the sample is about these tokens (a node-level graph sample's seed)
+        if readout is not None:  # the sample is about these tokens (the seeds a subgraph was cut around)
             valid = readout if valid is None else valid & readout
         if valid is None:
             return tokens.mean(1)
