@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from polymae.shared.errors import BadInput, ConfigError
+from polymae.shared.errors import BadInput, ConfigError, TrainingError
 
-USER_ERRORS = (ConfigError, BadInput, FileNotFoundError, KeyError)
+USER_ERRORS = (ConfigError, BadInput, TrainingError, FileNotFoundError, KeyError)
 
 
 def cmd_pretrain(args) -> None:

@@ -16,3 +16,8 @@ class BadInput(ValueError):
 
 class ConfigError(ValueError):
     """A config key or value that the schema does not allow; the CLI prints it as one line."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (no usable record, too many bad records, too many non-finite losses);
+    the CLI prints it as one line."""

@@ -41,15 +41,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
+from .errors import TrainingError
 from .memory import reuse_freed_memory
 from .tokens import Batch
 
 MIN_RECORDS_FOR_BAD_FRACTION = 200  # judge the bad-record share only once it means something
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many bad records, too many non-finite losses)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -246,7 +243,7 @@ class Trainer:
 
     def run_epoch(self, batches: Iterable[Batch], last) -> tuple[bool, object]:
         """One pass over the epoch's batches; (whether training is done, the last step's batch and outputs)."""
-        produced = 0
+        produced, usable, whole_epoch = 0, 0, self.batches_in_epoch == 0  # a resumed run starts mid-epoch
         for batch in batches:
             produced += 1
             self.batches_in_epoch += 1
@@ -254,6 +251,7 @@ class Trainer:
             self.records_seen += len(batch)
             if len(batch) == 0:  # a worker's last word: only skip counts
                 continue
+            usable += 1
             stepped, loss, parts, outputs = self.train_step(batch)
             if not stepped:
                 continue
@@ -262,8 +260,18 @@ class Trainer:
                 return True, last
         if produced == 0:
             raise TrainingError("the data stream produced no batches: are the shards empty?")
+        if whole_epoch and sum(all_gather_objects(usable)) == 0:  # every rank ends its epochs together
+            self.stop_without_usable_records()
         self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         return False, last
+
+    def stop_without_usable_records(self) -> None:
+        """A whole epoch on every rank gave only skip reports: another epoch would give the same, forever."""
+        seen, skipped = self.record_counts()
+        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(skipped.items())) or "none counted"
+        raise TrainingError(f"no record of the data could be used: a whole epoch gave {seen} usable records and "
+                            f"{sum(skipped.values())} bad ones ({kinds}); check the shards and the recipe's "
+                            "modality options against them")
 
     def train_step(self, batch: Batch):
         """Forward, backward and (every `accum_steps` micro-batches) an optimiser step;

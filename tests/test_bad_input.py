@@ -533,3 +533,25 @@ def test_max_nonfinite_in_a_row_stop_the_run_and_keep_the_last_checkpoint(clean_
     load_weights(run_dir / "checkpoints" / "step-000002", fresh.model)
     for (name, saved), live in zip(fresh.model.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.isfinite(saved).all() and torch.equal(saved, live), name  # the NaNs never reached the weights
+
+
+@pytest.mark.parametrize("case", ["undecodable", "rejected_by_the_recipe"])
+def test_a_stream_with_no_usable_record_stops_with_one_line_instead_of_spinning(tmp_path, digit_samples, case):
+    """Every record skipped (bytes no decoder reads; real 8x8 digits a 224px recipe rejects): each epoch
+    is only a skip report, so the run used to loop forever; it stops after one epoch, with the counts."""
+    if case == "undecodable":
+        samples = [{"__key__": f"garbage{i}", "image.jpg": b"\xff\xd8 not really a JPEG " * 40, "cls": b"1"}
+                   for i in range(40)]
+        size = ["modality_options.image_size=[8,8]", "modality_options.patch_size=2"]
+    else:
+        samples = digit_samples[:40]
+        size = ["modality_options.image_size=[224,224]", "modality_options.patch_size=16"]  # 8x8 digits: too small
+    write_shards(samples, tmp_path / "shards")
+    result = subprocess.run([*CLI, "pretrain", f"data.shards={tmp_path / 'shards'}", f"out_dir={tmp_path / 'runs'}",
+                             *FAST, "data.num_workers=1", "trainer.max_steps=50", *size],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert len(error) == 1 and "no record of the data could be used" in error[0], result.stderr[-2000:]
+    assert "0 usable records and 40 bad ones" in error[0]
