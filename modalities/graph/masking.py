@@ -30,9 +30,6 @@ class GraphMAEMasker(Masker):
             raise ValueError(f"replace_rate must lie in [0, 1], got {replace_rate}")
         self.replace_rate = replace_rate
 
-    def scores(self, tokens, generator):
-        return torch.rand(tokens.num_tokens, generator=generator)
-
     def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
         n, real = tokens.num_tokens, tokens.num_real
         if num_hidden is None:
