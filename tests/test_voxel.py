@@ -685,3 +685,5 @@ def test_shipped_voxel_recipes_build(tmp_path):
         assert type(parts.model).__name__ == model_kind and type(spec.masker).__name__ == masker_kind
         assert spec.modality.name == "voxel" and list(parts.objective) == ["radiance"]
         assert sum(p.numel() for p in parts.model.parameters()) < 2_000_000
+        with pytest.raises(ConfigError, match="encoder_options"):  # options meant for another encoder (a GNN's)
+            build_parts(load_config(recipe, [f"data.shards={tmp_path / 'none'}", "model.encoder_options.dropout=0.1"]))

@@ -288,5 +288,8 @@ def build_sparse_mae(modalities: dict, decoders: dict, config: ModelConfig, taps
                           f"{ {name: m.name for name, m in modalities.items()} }")
     if taps:
         raise ConfigError("model.encoder=sparse_cnn has no transformer layers for heads or objectives to read")
+    if config.encoder_options:
+        raise ConfigError(f"model.encoder_options {sorted(config.encoder_options)}: the sparse_cnn encoder takes none "
+                          "(its sizes are model.width, depth, decoder_width, decoder_depth)")
     (stream, modality), = modalities.items()
     return SparseMaskedAutoencoder(modality.d_in, modality.grid, config, stream)
