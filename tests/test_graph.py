@@ -27,7 +27,7 @@ from polymae.pipelines.pretrain import pretrain
 from polymae.pipelines.probe import cross_validated
 from polymae.pipelines.reconstruct import reconstruct
 from polymae.pipelines.runs import build_parts
-from polymae.pipelines.shards import write_shards
+from polymae.pipelines.shards import samples_recording_errors, write_shards
 from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
 from polymae.shared.config import load_config
 from polymae.shared.errors import BadInput, ConfigError
@@ -46,16 +46,9 @@ def real_or_skip(fetch):
 
 
 def every(source: str, **options) -> tuple[list[dict], list[BadInput]]:
-    """All samples of a source, and the BadInputs it raised on the way."""
-    samples, bad = [], []
-    iterator = adapters.read_source(source, **options)
-    while True:
-        try:
-            samples.append(next(iterator))
-        except StopIteration:
-            return samples, bad
-        except BadInput as error:
-            bad.append(error)
+    """All samples of a source, and the BadInputs it raised on the way (as `polymae shard` reads it)."""
+    bad: list[BadInput] = []
+    return list(samples_recording_errors(adapters.read_source(source, **options), bad.append)), bad
 
 
 def graphs_of(samples: list[dict]) -> list[dict]:

@@ -28,6 +28,7 @@ from polymae.modalities.pointcloud.objectives import ChamferLoss, OccupancyLoss,
 from polymae.modalities.pointcloud.packaged import LASPY_VERSION, fetch_laspy_test_scans
 from polymae.modalities.pointcloud.tokenizer import (farthest_point_sample, group, knn, tokenize_points,
                                                      untokenize_points)
+from polymae.pipelines.shards import samples_recording_errors
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
 from polymae.shared.model import DecoderConfig, ModelConfig, Outputs, build_model
@@ -65,14 +66,8 @@ def autzen(scans) -> Cloud:
 
 
 def all_samples(iterator) -> tuple[list[dict], list[BadInput]]:
-    samples, errors = [], []
-    while True:
-        try:
-            samples.append(next(iterator))
-        except StopIteration:
-            return samples, errors
-        except BadInput as error:
-            errors.append(error)
+    errors: list[BadInput] = []
+    return list(samples_recording_errors(iterator, errors.append)), errors
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,7 @@ class GraphMaskedAutoencoder(nn.Module):
         self.encoder_to_decoder = nn.Linear(cfg.width, cfg.width, bias=False)
         self.decoder_kind = options.decoder or kind
         self.decoder = conv_layer(self.decoder_kind, cfg.width, d_in, 1, options, self.edge_dim)
-        for name, param in self.named_parameters():
-            if name == "mask_token":
-                nn.init.normal_(param, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     num_prefix = 0
 
