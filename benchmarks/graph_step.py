@@ -32,9 +32,10 @@
    a generator seeded by its index (as the stream seeds each sample), the graph
    modality's `tokenize` with the recipe's options (node features, edges, edge
    features; no structural coords, which GNN encoders do not read),
-   the `graphmae` masker (ratio 0.5, replace_rate 0.1, the molecules recipe's), then
-   `collate` in batches of 64: the stages `ShardStream.prepare` and `make_batch`
-   run, without the tar reading and decoding. The reference:
+   tokenized in groups of `PREPARE_GROUP` records, then each batch of 64 masked at once by
+   the `graphmae` masker (ratio 0.5, replace_rate 0.1, the molecules recipe's) and
+   `collate`d: the stages `ShardStream.prepare` and `make_batch` run, without the tar
+   reading and decoding. The reference:
    `torch_geometric.loader.DataLoader` (batch 64, num_workers=0, no shuffle) over
    the same graphs as `Data(x, edge_index, edge_attr)`: it batches only, it does
    not mask, so polymae does more work; the masking time is also timed alone and
@@ -262,25 +263,31 @@ def solubility_graphs():
 
 
 def polymae_batches(modality, masker, payloads, batch_size: int, epoch: int, seconds: dict | None = None) -> list:
-    """polymae's stages on in-memory graphs, group by group as ShardStream.prepare and make_batch run them:
-    each record's generator, then the group tokenized, then masked, then `collate`d."""
+    """polymae's stages on in-memory graphs as ShardStream.prepare and make_batch run them: records
+    tokenized PREPARE_GROUP at a time (`tokenize_many`), each with its own generator; each batch's
+    records then masked at once (`Masker.many`) and `collate`d."""
+    from polymae.pipelines.stream import PREPARE_GROUP
     from polymae.shared.tokens import collate
 
+    seconds = {} if seconds is None else seconds
     batches = []
-    for start in range(0, len(payloads), batch_size):
+    for first in range(0, len(payloads), batch_size):
         t0 = time.perf_counter()
-        group = payloads[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(epoch * 1_000_003 + start + i) for i in range(len(group))]
-        tokens = [modality.tokenize(p, g) for p, g in zip(group, generators)]
+        tokens, generators = [], []
+        for start in range(first, min(first + batch_size, len(payloads)), PREPARE_GROUP):
+            group = payloads[start:min(start + PREPARE_GROUP, first + batch_size)]
+            group_generators = [torch.Generator().manual_seed(epoch * 1_000_003 + start + i)
+                                for i in range(len(group))]
+            tokens += modality.tokenize_many(group, group_generators)
+            generators += group_generators
         t1 = time.perf_counter()
-        masks = [masker(t, g) for t, g in zip(tokens, generators)]
+        masks = masker.many(tokens, generators)
         t2 = time.perf_counter()
-        batches.append(collate([({"graph": t}, {"graph": m}, None, str(start + i))
+        batches.append(collate([({"graph": t}, {"graph": m}, None, str(first + i))
                                 for i, (t, m) in enumerate(zip(tokens, masks))]))
         t3 = time.perf_counter()
-        if seconds is not None:
-            for key, value in (("tokenize", t1 - t0), ("mask", t2 - t1), ("collate", t3 - t2)):
-                seconds[key] = seconds.get(key, 0.0) + value
+        for key, value in (("tokenize", t1 - t0), ("mask", t2 - t1), ("collate", t3 - t2)):
+            seconds[key] = seconds.get(key, 0.0) + value
     return batches
 
 

@@ -1,7 +1,7 @@
 """Reading shards as a training stream.
 
     shard list -> split by node -> split by DataLoader worker -> per-epoch shard shuffle
-    -> tar records -> shuffle buffer -> per stream: decode -> tokenize -> mask -> Batch
+    -> tar records -> shuffle buffer -> per stream: decode -> tokenize -> (a batch of them) mask -> Batch
 
 A record may feed several streams (an image and its caption): each stream's
 modality decodes its own payload and tokenizes it; each stream's masker
@@ -9,7 +9,9 @@ masks it, with its own ratio or with the stream's share of one visible
 budget drawn per sample (MultiMAE's Dirichlet split). A record one of whose
 streams is bad is skipped as a whole, counted by the kind of that error.
 
-Masking runs here, in the data workers, so the accelerator never waits on it.
+Masking runs here, in the data workers, so the accelerator never waits on it, and
+on a whole batch at once (as I-JEPA masks in its collate function), each record
+still from its own generator.
 
 Determinism. The shard order is shuffled by an rng seeded with (seed, epoch)
 only, so every rank agrees on it before taking its slice. The shuffle buffer
@@ -75,7 +77,7 @@ log = logging.getLogger(__name__)
 
 MISSING_SHARD, BAD_SHARD, DECODE_ERROR = "missing_shard", "bad_shard", "decode_error"
 LOGGED_KINDS: set[str] = set()  # the kinds of bad record this process has logged one example of
-PREPARE_GROUP = 8  # records decoded, tokenized and masked stage by stage (bounded: 8 decoded photos in memory)
+PREPARE_GROUP = 8  # records decoded and tokenized stage by stage (bounded: 8 decoded photos in memory)
 
 
 # -- reading one shard ------------------------------------------------------------------------------
@@ -289,6 +291,18 @@ class ShardStream(IterableDataset):
                                      f"first: {self.shards[0]}")
 
     # -- samples ---------------------------------------------------------------
+    def clips_of(self, records: Iterator[dict]) -> Iterator[dict]:
+        """Each record as the samples its streams make of it per epoch (`Modality.samples_per_record`:
+        a long video gives several clips): the record repeated with `__part__` = (i, count), which
+        the modality reads, under the key `<key>_part<i>` (so each part has its own seed)."""
+        for record in records:
+            count = max(spec.modality.samples_per_record(record) for spec in self.streams)
+            if count == 1:
+                yield record
+                continue
+            for part in range(count):
+                yield {**record, "__key__": f"{record['__key__']}_part{part}", "__part__": (part, count)}
+
     def sample_generator(self, sample: dict) -> torch.Generator:
         """Randomness that depends on the sample, the epoch and (resampled) the draw, never the worker."""
         parts = (self.seed, self.epoch, sample["__key__"]) + ((sample["__draw__"],) if "__draw__" in sample else ())
@@ -315,20 +329,31 @@ class ShardStream(IterableDataset):
                                f"{spec.name} decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
         return decoded
 
-    def mask(self, tokens: dict[str, Tokens], generator: torch.Generator) -> dict[str, Mask]:
-        """Each stream's mask: at its masker's ratio, or its share of the visible budget."""
-        if self.visible_budget is None:
-            return {spec.name: spec.masker(tokens[spec.name], generator) for spec in self.streams}
-        real = [tokens[spec.name].num_real for spec in self.streams]
-        hide = split_visible_budget(real, min(self.visible_budget, sum(real)), self.budget_alpha, generator)
-        return {spec.name: spec.masker(tokens[spec.name], generator, count) for spec, count in zip(self.streams, hide)}
+    def mask_group(self, tokens: list[dict[str, Tokens]], generators: list[torch.Generator]) -> list[dict[str, Mask]]:
+        """Each record's mask per stream, at its masker's ratio or its share of the visible budget:
+        one `Masker.many` call per stream for the group. Each record's generator serves the
+        budget split, then its streams in the streams' order, as it would alone."""
+        counts: dict[str, list[int] | None] = {spec.name: None for spec in self.streams}
+        if self.visible_budget is not None:
+            hidden = []
+            for record, generator in zip(tokens, generators):
+                real = [record[spec.name].num_real for spec in self.streams]
+                hidden.append(split_visible_budget(real, min(self.visible_budget, sum(real)), self.budget_alpha,
+                                                   generator))
+            counts = {spec.name: [h[s] for h in hidden] for s, spec in enumerate(self.streams)}
+        masks: list[dict[str, Mask]] = [{} for _ in tokens]
+        for spec in self.streams:
+            made = spec.masker.many([record[spec.name] for record in tokens], generators, counts[spec.name])
+            for record_masks, mask in zip(masks, made):
+                record_masks[spec.name] = mask
+        return masks
 
     def prepare(self, samples: list[dict], skipped: Counter) -> list[tuple]:
-        """(tokens, mask, label, key) for `collate`, for each good record of `samples`, stage by
-        stage: all decoded, then all tokenized, then all masked (each record's generator drawn
-        in the same order as alone). One stage's code and tables stay in cache over the group:
+        """(tokens, generator, label, key) for each good record of `samples`, stage by stage: all
+        decoded, then all tokenized. One stage's code and tables stay in cache over the group:
         0.56-0.59 -> 0.51 ms per 224px image in one process (benchmarks/pipeline.py). A bad
-        record is counted and left out at the stage that finds it."""
+        record is counted and left out at the stage that finds it. Masks are made per batch
+        (`make_batch`), each record's generator carried there."""
         def decode(sample):
             return sample, label_of(sample), self.decode(sample)
 
@@ -337,20 +362,13 @@ class ShardStream(IterableDataset):
             for result in tokens.values():  # the first stream's BadInput, as tokenizing alone raises it
                 if isinstance(result, BadInput):
                     raise result
-            return sample, label, generator, tokens
-
-        def mask(record):
-            sample, label, generator, tokens = record
-            return tokens, self.mask(tokens, generator), label, sample["__key__"]
+            return tokens, generator, label, sample["__key__"]
 
         start = time.perf_counter()
         decoded = self.good_ones(samples, decode, skipped)
         after_decode = time.perf_counter()
-        tokenized = self.good_ones(self.tokenize_group(decoded), tokenize, skipped)
-        after_tokenize = time.perf_counter()
-        items = self.good_ones(tokenized, mask, skipped)
-        self.stage_seconds.update(decode=after_decode - start, tokenize=after_tokenize - after_decode,
-                                  mask=time.perf_counter() - after_tokenize)
+        items = self.good_ones(self.tokenize_group(decoded), tokenize, skipped)
+        self.stage_seconds.update(decode=after_decode - start, tokenize=time.perf_counter() - after_decode)
         return items
 
     def tokenize_group(self, decoded: list[tuple]) -> list[tuple]:
@@ -380,9 +398,15 @@ class ShardStream(IterableDataset):
         return done
 
     def make_batch(self, items: list[tuple], skipped: Counter) -> Batch:
+        """The prepared records masked, all at once as I-JEPA masks in its collate function (one
+        `Masker.many` per stream: a molecule's mask alone is a few tiny ops, where each op's fixed
+        cost was the whole cost), then `collate`d."""
         start = time.perf_counter()
-        batch = collate(items, skipped, self.allocate)
-        self.stage_seconds["collate"] += time.perf_counter() - start
+        masks = self.mask_group([tokens for tokens, _, _, _ in items], [generator for _, generator, _, _ in items])
+        after_mask = time.perf_counter()
+        batch = collate([(tokens, mask, label, key) for (tokens, _, label, key), mask in zip(items, masks)],
+                        skipped, self.allocate)
+        self.stage_seconds.update(mask=after_mask - start, collate=time.perf_counter() - after_mask)
         skipped.clear()
         return batch
 
@@ -401,7 +425,7 @@ class ShardStream(IterableDataset):
         for repeat in itertools.count():
             # a rank-wide fallback pass reads shards that other workers count already
             counter = skipped if repeat == 0 and not whole_rank else Counter()
-            samples = self.records(position, counter, repeat, whole_rank)
+            samples = self.clips_of(self.records(position, counter, repeat, whole_rank))
             if self.train and self.shuffle_buffer > 1:
                 rng = random.Random(stable_hash("buffer", self.seed, self.epoch, position.rank, position.worker,
                                                 repeat))

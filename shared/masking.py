@@ -43,6 +43,15 @@ class Masker:
             num_hidden = hidden_count(tokens.num_real, self.ratio)
         return Mask.from_scores(self.scores(tokens, generator), num_hidden, tokens.valid, self.encoder_reads_hidden)
 
+    def many(self, tokens: list[Tokens], generators: list[torch.Generator],
+             num_hidden: list[int] | None = None) -> list[Mask]:
+        """One mask per record of a group, each drawn from its own record's generator, exactly as
+        `__call__` makes them one at a time (the data stream masks a whole batch at once).
+        A masker whose per-record work is a few tiny ops (a molecule's tens of nodes, where each
+        op's fixed cost is the whole cost) overrides it to work on the group at once."""
+        counts = num_hidden if num_hidden is not None else [None] * len(tokens)
+        return [self(t, g, c) for t, g, c in zip(tokens, generators, counts)]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
 

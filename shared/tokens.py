@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -162,10 +163,13 @@ def inverse_permutation(order: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
-def hidden_count(num_tokens: int, ratio: float) -> int:
-    """The exact number of tokens every masker hides: round(ratio * N), at least one visible."""
+def hidden_count(num_tokens: int | np.ndarray, ratio: float) -> int | np.ndarray:
+    """The exact number of tokens every masker hides: round(ratio * N) (half to even), at least one
+    visible; of one sample, or elementwise of an array of samples' token counts."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if isinstance(num_tokens, np.ndarray):
+        return np.maximum(np.minimum(np.rint(ratio * num_tokens).astype(np.int64), num_tokens - 1), 0)
     if num_tokens <= 0:
         return 0
     return min(int(round(ratio * num_tokens)), num_tokens - 1)

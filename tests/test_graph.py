@@ -259,6 +259,35 @@ def test_graphmae_masking_of_padded_tokens_never_hides_or_substitutes_padding(mo
         assert bool(tokens.valid[taken].all())                          # features of real nodes only
 
 
+def test_a_molecules_mask_depends_on_its_own_generator_only_not_on_the_batch_it_is_masked_in(molecules):
+    """The data stream masks a whole batch at once (`Masker.many`): each graph's mask must still be the one
+    it gets alone, whichever graphs (padded or not) share its batch and whatever counts they are given."""
+    modality = GraphModality()
+    masker = modality.masker("graphmae", 0.5, {"replace_rate": 0.3})
+    tokens = [modality.tokenize(graph, torch.Generator()) for graph in graphs_of(molecules[:40])]
+    for i in range(0, 40, 3):  # some graphs arrive padded, with padding inside and at the end
+        n = tokens[i].num_tokens
+        tokens[i].valid = torch.ones(n, dtype=torch.bool)
+        tokens[i].valid[[n // 2, n - 1]] = False
+    seeds = list(range(100, 140))
+
+    def generators(order):
+        return [torch.Generator().manual_seed(seeds[i]) for i in order]
+
+    alone = [masker(tokens[i], g) for i, g in zip(range(40), generators(range(40)))]
+    for order in (list(range(40)), list(range(39, -1, -1)), list(range(0, 40, 7))):
+        for i, mask in zip(order, masker.many([tokens[i] for i in order], generators(order))):
+            for part in ("hidden", "ids_shuffle", "ids_restore", "substitute"):
+                assert torch.equal(getattr(mask, part), getattr(alone[i], part)), (i, part)
+            assert mask.num_visible == alone[i].num_visible
+    counts = [min(2, t.num_real - 1) for t in tokens[:8]]  # a shared visible budget decides the counts
+    grouped = masker.many(tokens[:8], generators(range(8)), counts)
+    for t, g, count, mask in zip(tokens, generators(range(8)), counts, grouped):
+        assert int(mask.hidden.sum()) == count and torch.equal(mask.hidden, masker(t, g, count).hidden)
+    with pytest.raises(ValueError, match="cannot hide 99 of"):
+        masker.many(tokens[:2], generators(range(2)), [1, 99])
+
+
 def test_a_padded_batch_reads_exactly_as_torch_geometric_batches_the_same_graphs(molecules):
     from torch_geometric.data import Batch as PygBatch, Data
 
