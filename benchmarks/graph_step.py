@@ -313,6 +313,11 @@ def same_graphs(ours, theirs) -> bool:
 
 
 def run_batching(args) -> dict:
+    from polymae.shared.memory import reuse_freed_memory
+
+    # as polymae's Loader sets it up in every training process: a batch's block reuses freed memory instead
+    # of faulting in fresh pages (both contenders allocate their batches in this process)
+    reuse_freed_memory()
     modality, payloads, data = solubility_graphs()
     masker = modality.masker("graphmae", 0.5, {"replace_rate": 0.1})  # the molecules recipe's
     agree = same_graphs(polymae_batches(modality, masker, payloads, args.molecule_batch, 0),

@@ -77,10 +77,13 @@ class GraphMAEMasker(Masker):
         # a replaced node takes a uniformly drawn real node's features: the k-th encoder input
         k = np.minimum((picks[replaced] * real[graph[replaced]]).astype(np.int64), real[graph[replaced]] - 1)
         substitute[replaced] = inputs[first[replaced] + k] - first[replaced]
-        pieces = [torch.from_numpy(part).split(sizes.tolist())
-                  for part in (hidden, inputs - first, rank_of_input, substitute)]
+        split = sizes.tolist()
+        hidden, substitute, ids_shuffle = (torch.from_numpy(part).split(split)
+                                           for part in (hidden, substitute, inputs - first))
+        # without padding every graph's order is the identity, its own inverse: one tensor for both
+        ids_restore = ids_shuffle if valid is None else torch.from_numpy(rank_of_input).split(split)
         return [Mask(hidden=h, ids_shuffle=order, ids_restore=restore, num_visible=r, substitute=sub)
-                for h, order, restore, sub, r in zip(*pieces, real.tolist())]
+                for h, order, restore, sub, r in zip(hidden, ids_shuffle, ids_restore, substitute, real.tolist())]
 
     def __repr__(self) -> str:
         return f"GraphMAEMasker(ratio={self.ratio}, replace_rate={self.replace_rate})"
