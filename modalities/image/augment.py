@@ -1,5 +1,6 @@
 """The image augmentations MAE uses, written in torch (torchvision does not
-import beside this CPU torch): random resized crop and horizontal flip."""
+import beside this CPU torch): random resized crop and horizontal flip. Each works
+on [..., C, H, W]: a clip's frames [T, C, H, W] get one crop box and one flip (video)."""
 from __future__ import annotations
 
 import math
@@ -36,7 +37,8 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 
 def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """[C, H, W] -> [C, *size] of the same dtype, bilinear with antialiasing.
+    """[..., C, H, W] -> [..., C, *size] of the same dtype, bilinear with antialiasing: one
+    image, or the frames of a clip [T, C, H, W] resized alike in one call.
 
     uint8 stays uint8: PyTorch's vectorised uint8 kernel (channels-last, as images
     decode) is ~5x faster than resizing floats, and the pixels stay 1 byte each all
@@ -45,8 +47,10 @@ def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
         return image
     # a crop of a channels-last image is no longer dense: without this copy PyTorch falls back to a
     # planar kernel that is slower and hands back a planar image, which patchify then gathers slowly
-    image = image[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    lead = image.shape[:-3]
+    frames = image.reshape(-1, *image.shape[-3:]).contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
 
 
 def random_resized_crop(image: Tensor, size: tuple[int, int], scale: tuple[float, float],
