@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from polymae.shared.errors import BadInput, ConfigError, TrainingError
+from polymae.shared.errors import BadInput, CheckpointError, ConfigError, RunFolderInUse, TrainingError
 
-USER_ERRORS = (ConfigError, BadInput, TrainingError, FileNotFoundError, KeyError)
+USER_ERRORS = (ConfigError, BadInput, TrainingError, CheckpointError, RunFolderInUse, FileNotFoundError, KeyError)
 
 
 def cmd_pretrain(args) -> None:
@@ -22,9 +22,13 @@ def cmd_pretrain(args) -> None:
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # no config file, only overrides
         config_path, overrides = None, [config_path, *overrides]
-    if args.resume and config_path is None:  # a resumed run keeps its own recipe
-        config_path = Path(args.resume) / "config.yaml"
-    pretrain(load_config(config_path, overrides), resume=args.resume)
+    if args.resume:  # a resumed run keeps its own recipe; pretrain refuses changes to what it trains
+        from .runs import resumed_config
+
+        config = resumed_config(Path(args.resume), config_path, overrides)
+    else:
+        config = load_config(config_path, overrides)
+    pretrain(config, resume=args.resume)
 
 
 def cmd_shard(args) -> None:

@@ -6,6 +6,7 @@ rank 0 shards the source, names the run folder, writes and probes.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 from polymae.shared import distributed
@@ -14,19 +15,10 @@ from polymae.shared.errors import ConfigError
 from polymae.shared.trainer import Trainer
 
 from .probe import format_heldout, format_probe, heldout_losses, probe
-from .runs import build_parts, draw_streams, load_run, prepare_modalities, split_shards, stream_modalities
+from .runs import (CONFIG_FILE, RunLock, build_parts, check_resume, claim_new_run_dir, draw_streams, load_run,
+                   prepare_modalities, record_changes, split_shards, stream_modalities)
 from .shards import manifest_counts
 from .stream import Loader, ShardStream
-
-
-def new_run_dir(config: Config) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... when it is taken (never overwrite a run)."""
-    root = Path(config.out_dir)
-    candidate, n = root / config.name, 1
-    while candidate.exists():
-        n += 1
-        candidate = root / f"{config.name}-{n}"
-    return candidate
 
 
 def batches_per_rank(config: Config, train_shards: list[str], world_size: int) -> int | None:
@@ -61,6 +53,17 @@ def pretrain(config: Config, resume: Path | None = None) -> dict:
 
 
 def run(config: Config, context: distributed.DistributedContext, resume: Path | None) -> dict:
+    """Rank 0 holds the run folder's lock from before any work on a resumed run (a second process
+    on a live run is refused at once), and from the moment it claims a new one, to the end."""
+    with ExitStack() as held:
+        if resume and context.is_main:
+            held.enter_context(RunLock(Path(resume)))
+        changes = check_resume(Path(resume), config) if resume else {}  # before any work: refused at once
+        return train_in_run_folder(config, context, resume, held, changes)
+
+
+def train_in_run_folder(config: Config, context: distributed.DistributedContext, resume: Path | None,
+                        held: ExitStack, changes: dict) -> dict:
     modalities = stream_modalities(config)
     if context.is_main:  # shard once (and fit a tokenizer once), before the others look for the shards
         train_shards, val_shards = split_shards(config, modalities)
@@ -69,7 +72,14 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
     if not context.is_main:
         train_shards, val_shards = split_shards(config, modalities)
     parts = build_parts(config, start_weights=resume is None, modalities=modalities)  # resumed: its own weights
-    run_dir = Path(resume) if resume else Path(distributed.all_gather_objects(str(new_run_dir(config)))[0])
+    if resume:
+        run_dir = Path(resume)
+    else:
+        claimed = None
+        if context.is_main:
+            claimed = claim_new_run_dir(config.out_dir, config.name)
+            held.enter_context(RunLock(claimed))
+        run_dir = Path(distributed.all_gather_objects(str(claimed))[0])
     data = config.data
     stream = ShardStream(train_shards, parts.streams, batch_size=data.batch_size, train=True,
                          shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,
@@ -89,7 +99,10 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
     if resume and not trainer.resume():
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there to resume from")
     if context.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        if resume:
+            record_changes(run_dir, trainer.step, changes)
+        else:
+            (run_dir / CONFIG_FILE).write_text(dump_config(config))
         print(f"run folder: {run_dir}  ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_shards)} train shards, {context.world_size} rank(s) on {context.device})")
     summary = trainer.fit(batches)

@@ -1,7 +1,12 @@
 """What pretrain, probe and reconstruct share: building a run's parts from its
-config, finding its shards, and loading a finished run back."""
+config, finding its shards, claiming and locking a run folder, and loading a
+finished run back."""
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +14,9 @@ import torch
 import yaml
 
 import polymae.modalities  # noqa: F401  (registers the modalities)
-from polymae.shared.checkpoint import load_weights, resolve_checkpoint
-from polymae.shared.config import Config, build
-from polymae.shared.errors import ConfigError
+from polymae.shared.checkpoint import load_weights, process_is_running, resolve_checkpoint
+from polymae.shared.config import Config, build, load_config, merge, read_recipe, resume_changes
+from polymae.shared.errors import ConfigError, RunFolderInUse
 from polymae.shared.model import build_model
 from polymae.shared.objectives import LossTerms, Pretraining, layers_read
 from polymae.shared.modality import Modality
@@ -19,6 +24,129 @@ from polymae.shared.registry import MASKERS, MODALITIES
 
 from .shards import resolve_shards, shard_source
 from .stream import StreamSpec, read_shard
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """One process at a time in a run folder: an exclusive `flock` on <run>/.lock, which holds the
+    holder's pid. The kernel drops the lock when its process ends, however it ends (SIGKILL
+    included), so a lock is never stale in fact; the pid left in the file by a process that died
+    holding it is only reported ("taking over"), as filelock and torch.distributed's elastic
+    agent do. The file itself stays: deleting it would let a process that opened the old file
+    and one that creates a new one both hold "the" lock."""
+
+    def __init__(self, run_dir: Path, log=print):
+        self.path, self.log, self.handle = Path(run_dir) / LOCK_FILE, log, None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.recorded_pid(handle)
+            handle.close()
+            raise RunFolderInUse(f"run folder {self.path.parent} is in use by process {holder if holder else '?'} "
+                                 f"(it holds {self.path}); wait for it to end, or stop it, before running "
+                                 "there again") from None
+        previous = self.recorded_pid(handle)
+        if previous is not None and previous != os.getpid():
+            state = "still running, but not holding the lock" if process_is_running(previous) else "no longer running"
+            self.log(f"taking over the stale lock of {self.path.parent} left by process {previous} ({state})")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    @staticmethod
+    def recorded_pid(handle) -> int | None:
+        handle.seek(0)
+        text = handle.read().strip()
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        self.handle.seek(0)
+        self.handle.truncate()  # a clean release leaves no pid to report as stale
+        self.handle.flush()
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """Create and return <out_dir>/<name>, or <name>-2, -3, ... when it is taken (never overwrite a
+    run). The folder is claimed by creating it (mkdir is atomic), so two runs started at the same
+    moment under one name get two folders."""
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    candidate, n = root / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = root / f"{name}-{n}"
+
+
+CONFIG_FILE = "config.yaml"            # the recipe the run started with; never rewritten
+CHANGES_FILE = "config_changes.jsonl"  # each change a resumed run made, with the step it took effect
+
+
+def dotted(key: str, value) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def recorded_config_values(run_dir: Path) -> dict:
+    """The recipe a run trains under now: its config.yaml with the changes of its resumes applied."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a polymae run folder)")
+    values = read_recipe(path)
+    changes = Path(run_dir) / CHANGES_FILE
+    for line in changes.read_text().splitlines() if changes.is_file() else []:
+        for key, (_, new) in json.loads(line)["changes"].items():
+            values = merge(values, dotted(key, new))
+    return values
+
+
+def resumed_config(run_dir: Path, recipe: str | Path | None, overrides: list[str]) -> Config:
+    """What `--resume RUN [recipe] key=value ...` asks to train under: the run's recorded recipe
+    (or the recipe given) with the overrides; `check_resume` then compares it with the run's."""
+    if recipe is not None:
+        return load_config(recipe, overrides)
+    return load_config(values=recorded_config_values(run_dir), overrides=overrides)
+
+
+def check_resume(run_dir: Path, config: Config) -> dict:
+    """The changes `config` makes to the run in `run_dir` ({key: (old, new)}); ConfigError when one
+    would change the run's maths or data order (the schema's RESUMABLE marks say which may change)."""
+    return resume_changes(build(Config, recorded_config_values(run_dir)), config)
+
+
+def record_changes(run_dir: Path, step: int, changes: dict, log=print) -> None:
+    """Append the changes a resume made, and the step from which they hold, to the run's change log."""
+    if not changes:
+        return
+    with open(Path(run_dir) / CHANGES_FILE, "a") as handle:
+        handle.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "changes": {key: list(pair) for key, pair in changes.items()}}) + "\n")
+    log(f"from step {step} on: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        + f" (recorded in {Path(run_dir) / CHANGES_FILE})")
 
 
 @dataclass

@@ -1,17 +1,25 @@
-"""One checkpoint format: a folder per step, written whole or not at all.
+"""One checkpoint format: a folder per step, written whole or not at all, and checked before it is loaded.
 
     <run>/checkpoints/step-000500/
         model.safetensors   weights (safetensors: loadable without pickle)
         state.pt            optimizer, scheduler, scaler, step, RNG states, data position
         config.yaml         the run's config, so a checkpoint stands alone
+        checksums.json      size and SHA-256 of each file above, written last
 
 A checkpoint is written into a temporary folder and renamed into place, so a
 run killed mid-write leaves either the previous checkpoints or the new one,
 never a half-written folder under a final name. Only the last `keep_last`
 are kept.
+
+The rename protects against a crash, not against what happens to the files
+afterwards (a disk that truncates them, a copy cut short, a flipped byte, a
+hand that deletes one). `checkpoint_damage` checks every file against
+checksums.json, so a damaged checkpoint is never loaded: `newest_intact`
+passes over it, naming it and the reason, to the newest one that is intact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,24 +28,97 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 STEP_PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+CHECKED_FILES = ("model.safetensors", "state.pt", "config.yaml")
+TEMPORARY_PREFIX = ".tmp-"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """The checkpoint folders of a run (published under a final name, intact or not), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-            and (p / "model.safetensors").is_file() and (p / "state.pt").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    published = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                 and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(published, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why `checkpoint` must not be loaded (a file missing, of another size or another SHA-256
+    than checksums.json says), or None when every file is as it was written."""
+    checkpoint = Path(checkpoint)
+    try:
+        recorded = json.loads((checkpoint / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        return f"{CHECKSUMS} is missing (the checkpoint cannot be checked)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{CHECKSUMS} is unreadable ({type(error).__name__})"
+    if not isinstance(recorded, dict) or set(recorded) != set(CHECKED_FILES):
+        return f"{CHECKSUMS} does not list {', '.join(CHECKED_FILES)}"
+    for name in CHECKED_FILES:
+        path, expected = checkpoint / name, recorded[name]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if size != expected.get("bytes"):
+            return f"{name} holds {size} bytes, {expected.get('bytes')} were written (truncated or replaced)"
+        if file_digest(path) != expected.get("sha256"):
+            return f"{name} does not match its SHA-256 in {CHECKSUMS} (its bytes changed after it was written)"
+    return None
+
+
+def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that passes `checkpoint_damage` or None, [(newer damaged one, why), ...])."""
+    skipped = []
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        damage = checkpoint_damage(checkpoint)
+        if damage is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, damage))
+    return None, skipped
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoint_dirs(run_dir)
-    return found[-1] if found else None
+    """The newest intact checkpoint of a run (None: there is none)."""
+    return newest_intact(run_dir)[0]
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_abandoned_temporaries(root: Path) -> None:
+    """Temporary checkpoint folders whose writer is gone (killed mid-write): never loaded, removed.
+    One whose writer still runs is left alone: it is another process's checkpoint in the making."""
+    for temporary in root.glob(f"{TEMPORARY_PREFIX}*"):
+        writer = temporary.name.rsplit("-", 1)[-1]
+        if writer.isdigit() and int(writer) != os.getpid() and process_is_running(int(writer)):
+            continue
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, config_text: str,
@@ -45,19 +126,24 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:06d}"
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-write; never loaded, now removed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    remove_abandoned_temporaries(root)
+    tmp = root / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(distinct_tensors(weights), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_text)
+    # The checksums are taken from the files as they are on disk, and written last: a folder
+    # with checksums.json is a folder whose other files were complete when it was written.
+    checksums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_digest(tmp / name)}
+                 for name in CHECKED_FILES}
+    (tmp / CHECKSUMS).write_text(json.dumps({"step": step, "files": checksums}, indent=1))
     for path in tmp.iterdir():  # the rename below publishes only what is on disk
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(root)  # the rename itself, on disk
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -88,15 +174,29 @@ def load_state(checkpoint: Path) -> dict:
     return torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+def describe_skipped(skipped: list[tuple[Path, str]]) -> list[str]:
+    return [f"skipped checkpoint {checkpoint}: {why}" for checkpoint, why in skipped]
+
+
+def resolve_checkpoint(path: str | Path, log=print) -> Path:
+    """A run folder (its newest intact checkpoint) or a checkpoint folder (checked) -> the checkpoint
+    folder. A damaged one is never returned: CheckpointError says why; newer damaged checkpoints of a
+    run passed over for an older intact one are logged."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / CHECKSUMS).is_file():
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {damage}")
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    if not checkpoint_dirs(path):
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
-    return latest
+    checkpoint, skipped = newest_intact(path)
+    if checkpoint is None:
+        raise CheckpointError(f"{path}: no intact checkpoint ("
+                              + "; ".join(f"{c.name}: {why}" for c, why in skipped) + ")")
+    for line in describe_skipped(skipped):
+        log(line)
+    return checkpoint
 
 
 def hf_model_type(folder: str | Path) -> str | None:

@@ -23,6 +23,16 @@ import yaml
 from .errors import ConfigError
 from .model import DecoderConfig, ModelConfig
 
+# A key marked so may change when a run is resumed (`polymae pretrain --resume RUN key=value`):
+# it changes neither the run's maths nor its data order (how often it logs, draws, checkpoints;
+# when it stops; how it is evaluated afterwards). Every other key is fixed for the life of a run:
+# a change is refused (`resume_changes`). On a dataclass-valued field it covers the whole section.
+RESUMABLE = {"resumable": True}
+
+
+def resumable(default):
+    return field(default=default, metadata=RESUMABLE)
+
 
 @dataclass
 class DataConfig:
@@ -71,8 +81,8 @@ class BudgetConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    max_minutes: float | None = None  # wall-clock budget for the training loop
+    max_steps: int = resumable(1000)
+    max_minutes: float | None = resumable(None)  # wall-clock budget for the training loop
     lr: float = 1.5e-4
     min_lr: float = 0.0
     warmup_steps: int = 40
@@ -81,12 +91,12 @@ class TrainerConfig:
     accum_steps: int = 1
     precision: str = "auto"           # auto | bf16 | fp32 (autocast); auto: bf16 where it is measured faster
     clip_grad: float | None = 1.0
-    ckpt_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-    picture_every: int = 500
-    max_nonfinite: int = 5            # consecutive non-finite losses before the run stops
-    max_bad_fraction: float = 0.1     # skipped / seen records above this stops the run
+    ckpt_every: int = resumable(500)
+    keep_last: int = resumable(3)
+    log_every: int = resumable(10)
+    picture_every: int = resumable(500)
+    max_nonfinite: int = resumable(5)            # consecutive non-finite losses before the run stops
+    max_bad_fraction: float = resumable(0.1)     # skipped / seen records above this stops the run
     device: str = "auto"              # auto | cpu | cuda
     strategy: str = "ddp"             # under torchrun: ddp (replicated) | fsdp (sharded parameters)
     seed: int = 0
@@ -122,7 +132,7 @@ class ProbeConfig:
 
 @dataclass
 class Config:
-    name: str = "mae"
+    name: str = resumable("mae")      # the run folder's name; only a label once the run has one
     modality: str = "image"           # a recipe of one stream (named after its modality) ...
     modality_options: dict = field(default_factory=dict)  # checked by the modality's own Options
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,8 +143,15 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: dict = field(default_factory=dict)          # {} : the modality's default objective
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    out_dir: str = "runs"
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata=RESUMABLE)  # evaluation, after training
+    out_dir: str = resumable("runs")  # where new runs go; a resumed run stays in its folder
+
+    def __post_init__(self):
+        # the run folder is out_dir/name: a name with a separator or a '..' would put it elsewhere
+        if (not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name
+                or "\0" in self.name):
+            raise ConfigError(f"name must be one folder name inside out_dir (no '/' or '\\', not '.' or '..'); "
+                              f"got {self.name!r}")
 
     def stream_configs(self) -> dict[str, StreamConfig]:
         """The recipe's streams in order: `streams`, or the one stream `modality` names."""
@@ -300,15 +317,23 @@ def find_config(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} does not exist (shipped recipes: {', '.join(shipped_configs())})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """A recipe (the shipped default when `path` is None) plus dotted overrides, checked."""
-    path = find_config(path if path is not None else DEFAULT_RECIPE)
+def read_recipe(path: str | Path) -> dict:
+    """A YAML recipe's mapping of keys, unchecked."""
+    path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None) -> Config:
+    """A recipe (the shipped default when `path` is None; or `values`, a recipe already read)
+    plus dotted overrides, checked."""
+    if values is None:
+        values = read_recipe(find_config(path if path is not None else DEFAULT_RECIPE))
     for text in overrides:
         values = merge(values, parse_override(text))
     config = build(Config, values)
@@ -321,3 +346,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(as_dict(config), sort_keys=False)
+
+
+# -- what a resumed run may change -----------------------------------------------------------------
+
+
+def config_differences(old: Any, new: Any, where: str = "", may_change: bool = False) -> list[tuple[str, Any, Any, bool]]:
+    """Every leaf key whose value differs between two configs (or two sections, or two mappings
+    inside one), as (dotted key, old, new, whether a resumed run may change it: `RESUMABLE`)."""
+    if dataclasses.is_dataclass(old) and type(old) is type(new):
+        found = []
+        for f in dataclasses.fields(old):
+            found += config_differences(getattr(old, f.name), getattr(new, f.name), f"{where}{f.name}.",
+                                        may_change or bool(f.metadata.get("resumable")))
+        return found
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            found += config_differences(old.get(key), new.get(key), f"{where}{key}.", may_change)
+        return found
+    if as_dict(old) == as_dict(new):
+        return []
+    return [(where.rstrip("."), as_dict(old), as_dict(new), may_change)]
+
+
+def resume_changes(recorded: Config, requested: Config) -> dict[str, tuple[Any, Any]]:
+    """The changes `requested` makes to a run that trained under `recorded`: {key: (old, new)},
+    all of them keys a resumed run may change. ConfigError, listing them, when any other key
+    differs: those change the run's maths or its data order, and the run would no longer be
+    the run its checkpoints and metrics describe."""
+    differences = config_differences(recorded, requested)
+    refused = [f"{key} {old!r} -> {new!r}" for key, old, new, allowed in differences if not allowed]
+    if refused:
+        raise ConfigError("--resume cannot change what the run trains (its maths or its data order): "
+                          + "; ".join(refused) + ". Start a new run for that (model.init_from=RUN starts "
+                          "it from this run's weights); a resumed run may change only "
+                          + ", ".join(resumable_keys()))
+    return {key: (old, new) for key, old, new, _ in differences}
+
+
+def resumable_keys(cls: type | None = None, where: str = "") -> list[str]:
+    """The keys (or sections, as `probe.*`) the schema marks RESUMABLE."""
+    cls = cls or Config
+    keys = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if f.metadata.get("resumable"):
+            keys.append(f"{where}{f.name}" + (".*" if dataclasses.is_dataclass(kind) else ""))
+        elif dataclasses.is_dataclass(kind):
+            keys += resumable_keys(kind, f"{where}{f.name}.")
+    return keys

@@ -21,3 +21,12 @@ class ConfigError(ValueError):
 class TrainingError(RuntimeError):
     """The run cannot go on (no usable record, too many bad records, too many non-finite losses);
     the CLI prints it as one line."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint that can be trusted where one is needed (every one damaged, or the one named
+    is); the CLI prints it as one line."""
+
+
+class RunFolderInUse(RuntimeError):
+    """A run folder another live process holds (its lock names the process); the CLI prints it as one line."""

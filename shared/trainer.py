@@ -38,10 +38,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import latest_checkpoint, load_state, save_checkpoint
+from .checkpoint import checkpoint_dirs, latest_checkpoint, load_state, newest_intact, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
-from .errors import TrainingError
+from .errors import CheckpointError, TrainingError
 from .memory import reuse_freed_memory
 from .tokens import Batch
 
@@ -157,18 +157,35 @@ class Trainer:
         barrier()
 
     def resume(self) -> bool:
-        """Continue from the run's latest complete checkpoint, if there is one."""
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
+        """Continue from the run's newest intact checkpoint (False: the run has no checkpoint).
+        Newer ones that fail their checksums are passed over, each named with the reason;
+        CheckpointError when there are checkpoints but none is intact, or when the intact one does
+        not fit this run's model (the checksums say its files are as written: falling back to an
+        older one would not help)."""
+        if not checkpoint_dirs(self.run_dir):
             return False
+        checkpoint, skipped = newest_intact(self.run_dir)
+        for damaged, why in skipped:
+            self.log(f"skipped checkpoint {damaged}: {why}")
+        if checkpoint is None:
+            raise CheckpointError(f"{self.run_dir}: no intact checkpoint to resume from ("
+                                  + "; ".join(f"{c.name}: {why}" for c, why in skipped) + ")")
+        try:
+            self.load_checkpoint(checkpoint)
+        except (RuntimeError, KeyError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{checkpoint} is intact but does not load into this run's model ({first[:300]})") \
+                from None
+        self.log(f"resumed from {checkpoint} at step {self.step} (epoch {self.epoch}, batch {self.batches_in_epoch})")
+        return True
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
         state = load_state(checkpoint)
         set_state_dict(self.model, self.optimizer, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
                        optim_state_dict=state["optimizer"], options=FULL_STATE)
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         self.skipped, self.records_seen = Counter(state["skipped"]), state["records_seen"]
         set_rng_state(state["rng"])
-        self.log(f"resumed from {checkpoint} at step {self.step} (epoch {self.epoch}, batch {self.batches_in_epoch})")
-        return True
 
     # -- one step ---------------------------------------------------------
     def autocast(self):

@@ -522,7 +522,7 @@ def test_max_nonfinite_in_a_row_stop_the_run_and_keep_the_last_checkpoint(clean_
     assert str(run_dir / "checkpoints" / "step-000002") in message
     assert [line[:7] for line in logged if "non-finite" in line] == ["step 2:"] * 3
     assert trainer.step == 2 and set(before) == {f"checkpoints/step-000002/{name}" for name in
-                                                 ("model.safetensors", "state.pt", "config.yaml")}
+                                                 ("model.safetensors", "state.pt", "config.yaml", "checksums.json")}
 
     # on disk: the step-2 checkpoint, byte for byte, and nothing else (no temporary, no later step)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]

@@ -73,7 +73,9 @@ def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
     weights = {"w": torch.arange(4.0)}
     save_checkpoint(tmp_path, 4, weights, {"step": 4}, "name: x\n", keep_last=3)
     # what a kill leaves: a temporary folder with a truncated file, never renamed into place
-    partial = tmp_path / "checkpoints" / ".tmp-step-000008-999"
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # a writer that is gone: its temporary folder is abandoned
+    partial = tmp_path / "checkpoints" / f".tmp-step-000008-{writer.pid}"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\x00" * 10)
     # and a final-named folder missing its state (never produced by save_checkpoint, but never trusted)
