@@ -36,6 +36,7 @@ from webdataset import TarWriter
 
 from polymae.shared.errors import BadInput
 from polymae.shared.modality import Modality
+from polymae.shared.sources import name_bytes
 
 DEFAULT_MAX_BYTES = 64 * 1024 ** 2
 DEFAULT_MAX_COUNT = 10_000
@@ -45,9 +46,10 @@ URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^pipe:")
 
 def stable_hash(*parts) -> int:
     """A 64-bit hash of `parts` that is the same in every process and run
-    (Python's `hash` of a str is salted per process, so it cannot be used)."""
+    (Python's `hash` of a str is salted per process, so it cannot be used). Any key hashes,
+    one whose name is not valid UTF-8 included (`name_bytes`); valid text hashes as it always did."""
     text = "\x1f".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(name_bytes(text), digest_size=8).digest(), "little")
 
 
 def shard_name(prefix: str, index: int) -> str:

@@ -8,15 +8,38 @@ the file as rejected and asks for more, where a generator would have ended.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Callable, Iterable, Iterator
 
 from .errors import BadInput
 
 
+def name_bytes(text: str) -> bytes:
+    """The exact bytes of a name, whatever they are. A file name that is not valid UTF-8 reaches
+    Python as a str with its undecodable bytes as lone surrogates (os.fsdecode, tarfile), which
+    plain `.encode()` refuses; surrogateescape gives the original bytes back, surrogatepass
+    any other lone surrogate. Valid text gives its UTF-8, as `.encode()` does."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+PRINTABLE_ASCII = re.compile(r"[ -~]*")
+
+
 def sample_key(text: str, default: str = "sample") -> str:
-    """A shard key from a name: no '.' (WebDataset splits member names there) and no '/'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or default
+    """A shard key from a name: no '.' (WebDataset splits member names there) and no '/'.
+
+    ASCII punctuation becomes '_' (readable; "a.b" and "a_b" meet, which a source that can
+    hold both de-duplicates, as the text adapter does). A name with anything else (letters
+    beyond ASCII, bytes that are not UTF-8, control characters) also gets a digest of its
+    exact bytes: "café" and "cafè", or b"caf\xe9" and b"caf\xe8", would otherwise be one key."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or default
+    if not PRINTABLE_ASCII.fullmatch(text):
+        key += "-" + hashlib.blake2b(name_bytes(text), digest_size=6).hexdigest()
+    return key
 
 
 class SourceSamples:

@@ -9,15 +9,19 @@
 3. `--resume RUN key=value`: changes to what the run trains are refused, listing them; the others
    (the schema marks them RESUMABLE) are recorded with the step they took effect, and config.yaml
    stays the recipe the run started with;
+4. keys from any byte string: file names that are not UTF-8 shard (each its own key) and train,
+   from a folder and from a tar written by another tool;
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -267,3 +271,68 @@ def test_resume_records_the_changes_it_may_make_with_their_step(finished_run, tm
     refused = one_line_error(resume_cli(run, "trainer.max_steps=10", "data.shuffle_buffer=7"))
     assert "data.shuffle_buffer" in refused and "trainer.max_steps" not in refused.split("may change only")[0]
 
+
+# == 4. keys from any byte string ======================================================================
+
+NOT_UTF8 = [b"caf\xe9", b"caf\xe8", b"\xff\xfe"]  # Latin-1 names, and bytes no encoding reads
+
+
+@pytest.fixture(scope="module")
+def digit_pngs() -> list[tuple[bytes, bytes]]:
+    from polymae.modalities.image.adapters import read_source
+
+    return [(sample["image.png"], sample["cls"]) for sample in read_source("digits")][:80]
+
+
+def tiny_train(shards: Path, out_dir: Path, *more: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "pretrain", f"data.shards={shards}", f"out_dir={out_dir}", *TINY,
+                           "data.num_workers=1", "trainer.max_steps=3", "trainer.ckpt_every=3", *more],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_file_names_that_are_not_utf8_shard_with_a_val_split_each_under_its_own_key_and_train(
+        tmp_path, digit_pngs):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [prefix + b"%02d.png" % i for i in range(20) for prefix in NOT_UTF8]
+    names += [b"caf\xe9.png", b"caf\xe8.png"]  # the same readable part: "caf_" twice
+    for name, (png, _) in zip(names, digit_pngs):
+        (folder / os.fsdecode(name)).write_bytes(png)
+    shards = tmp_path / "shards"
+    result = subprocess.run([*CLI, "shard", "image", str(folder), str(shards), "--val-fraction", "0.3",
+                             "--option", "channels=1", "--option", "image_size=[8,8]", "--option", "patch_size=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifests = {split: json.loads((shards / f"{split}-manifest.json").read_text()) for split in ("train", "val")}
+    assert all(manifest["rejected"] == [] for manifest in manifests.values()), manifests
+    assert sum(manifest["total"] for manifest in manifests.values()) == len(names)  # none merged, none lost
+    trained = tiny_train(shards, tmp_path / "runs")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trained 3 steps" in trained.stdout
+
+
+def test_a_tar_written_by_another_tool_with_non_utf8_member_names_trains(tmp_path, digit_pngs):
+    """WebDataset takes the key from the member name, which tarfile gives with its undecodable
+    bytes as lone surrogates: the per-sample seed hashed it with str.encode and the DataLoader
+    worker died with UnicodeEncodeError."""
+    shard = tmp_path / "hand-made.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:  # raw bytes in the names, as GNU tar writes
+        for i, (png, label) in enumerate(digit_pngs[:40]):
+            for suffix, data in ((".png", png), (".cls", label)):
+                member = tarfile.TarInfo(os.fsdecode(b"caf\xe9%02d" % i + suffix.encode()))
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    trained = tiny_train(shard, tmp_path / "runs")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trained 3 steps" in trained.stdout and "skipped" not in trained.stdout
+
+
+def test_a_key_hashes_whatever_its_bytes_and_valid_text_hashes_as_before():
+    from polymae.pipelines.shards import in_validation_split, stable_hash
+
+    odd = os.fsdecode(b"caf\xe9")
+    assert stable_hash(0, odd) != stable_hash(0, os.fsdecode(b"caf\xe8"))
+    assert isinstance(in_validation_split(odd, 0.5, 0), bool)
+    assert isinstance(stable_hash("\ud800"), int)  # a lone surrogate no file system gives
+    # valid text: the very hash of before, so existing splits and masks do not move
+    assert stable_hash(0, "digit00001") == 16182951792141268371
