@@ -221,6 +221,29 @@ def test_the_loss_counts_only_hidden_and_decoded_tokens():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_decoder_reads_only_visible_and_decoded_tokens():
+    """With every hidden token decoded, the subset path is the full decoder (attention does not
+    care about order); with the running cell, it predicts at the decoded places only, from the
+    visible tokens and those places' mask tokens (not the full decoder's numbers)."""
+    parts = build_parts(load_config("video/videomae_v2.yaml", ["data.shards=/nonexistent", *TINY_OVERRIDES,
+                                                               *QUICK, "model.kernels=torch"]))
+    model = parts.model.eval()
+    clip = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    tokens = VideoModality(TINY).finish(tubelets(clip, 2, 8))
+    masks = [TubeMasker(0.75, decode_ratio=0.5)(tokens, torch.Generator().manual_seed(s)) for s in range(2)]
+    batch = collate([({"video": tokens}, {"video": m}, None, f"k{s}") for s, m in enumerate(masks)])
+    with torch.no_grad():
+        full = model(dataclasses.replace(batch, mask=dataclasses.replace(batch.mask, decode=None))).pred("video")
+        every = model(dataclasses.replace(batch, mask=dataclasses.replace(batch.mask, decode=batch.mask.hidden)))
+        torch.testing.assert_close(every.pred("video")[batch.mask.hidden], full[batch.mask.hidden],
+                                   rtol=1e-5, atol=1e-5)
+        subset = model(batch).pred("video")
+    decoded = batch.mask.decode
+    assert bool((subset[~decoded] == 0).all()) and bool((subset[decoded] != 0).all())
+    # fewer mask tokens to attend to than the full decoder had: other numbers at the same places
+    assert (subset[decoded] - full[decoded]).abs().max() > 1e-3
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 
 def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folder, tmp_path, monkeypatch):
@@ -381,3 +404,20 @@ def test_hf_videomae_import_export_and_init_from_give_the_same_loss_and_reconstr
     with pytest.raises(ValueError, match="positions=videomae"):
         hf_interop.to_hf_videomae(build_parts(load_config("video/videomae.yaml", [
             "data.shards=/nonexistent", *TINY_OVERRIDES, *QUICK])).model, VideoModality(TINY))
+
+
+def test_crossvideomae_mix_trains_a_clip_and_a_frame_stream_of_one_video(tmp_path, shards):
+    tiny = [f"streams.{s}.options.{k}={v}" for s in ("clip", "frame") for k, v in
+            {"image_size": 32, "patch_size": 8, "source_short_side": 96}.items()]
+    config = load_config("mixes/crossvideomae.yaml", [
+        f"data.shards={shards}", f"out_dir={tmp_path}", "trainer.max_steps=6", "probe.enabled=false",
+        "streams.clip.options.num_frames=8", "streams.clip.options.frame_stride=3", *tiny, *QUICK])
+    summary = pretrain(config)
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/clip_pixel", "loss/frame_pixel", "loss/clip_frame"} <= set(records[-1]), records[-1]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    parts, _ = load_run(summary["run_dir"])
+    batch = next(iter(Loader(ShardStream([str(shards / "val-000000.tar")], parts.streams, batch_size=3,
+                                         train=False), 0)))
+    assert batch.streams["clip"].grid == (4, 4, 4) and batch.streams["frame"].grid == (1, 4, 4)
+    assert list(batch.layout) == ["clip", "frame"] and batch.mask.hidden.shape == (3, 64 + 16)
