@@ -64,7 +64,6 @@ class OpenVideo:
     fps: float
     backend: str
     segment: tuple[int, int]
-    _reader: object = None
     _data: bytes = b""
     part: tuple[int, int] = (0, 1)   # which of a record's clips per epoch this one is (modality.py)
 
@@ -72,7 +71,7 @@ class OpenVideo:
         """uint8 [len(indices), H, W, 3] of those frames (indices in [0, num_frames))."""
         try:
             if self.backend == "decord":
-                return self._reader.get_batch(list(indices)).asnumpy()
+                return read_with_decord(self._data, indices)
             return read_with_pyav(self._data, indices)
         except Exception as error:  # noqa: BLE001  (decord raises DECORDError / RuntimeError, PyAV its own)
             raise BadInput(self.source, f"cannot decode frames {indices[0]}..{indices[-1]} with {self.backend} "
@@ -113,16 +112,42 @@ def open_video(data: bytes, source: str, segment: tuple[int, int] | None = None)
 
 
 def open_with_decord(data: bytes, source: str) -> OpenVideo:
+    """Frame count and rate from decord, frame size from the container's header (PyAV). No
+    decoder is kept open: a decord reader that has decoded a frame goes on decoding ahead in
+    its own thread, and the data stream opens a group of records before it reads any (8
+    readers decoding ahead made a clip's frames 3x slower to read); `read` opens its own."""
     import decord
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        num_frames = len(reader)
-        height, width = reader[0].shape[:2] if num_frames else (0, 0)
-        fps = float(reader.get_avg_fps() or 0.0)
+        num_frames, fps = len(reader), float(reader.get_avg_fps() or 0.0)
+        del reader
+        height, width = header_size(data)
+        if height is None:  # a header without the size: decode the first frame
+            height, width = decord.VideoReader(io.BytesIO(data), num_threads=1)[0].shape[:2]
     except Exception as error:  # noqa: BLE001
         raise VideoError(first_line(error)) from None
-    return OpenVideo(source, num_frames, height, width, fps, "decord", (0, num_frames), reader)
+    return OpenVideo(source, num_frames, height, width, fps, "decord", (0, num_frames), data)
+
+
+def header_size(data: bytes) -> tuple[int | None, int | None]:
+    """(height, width) of the first video stream as the container's header states it (PyAV, no decoding)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            context = container.streams.video[0].codec_context
+            return (context.height, context.width) if context.height and context.width else (None, None)
+    except Exception:  # noqa: BLE001  (decord reads it; the size then comes from a frame)
+        return None, None
+
+
+def read_with_decord(data: bytes, indices: list[int]) -> np.ndarray:
+    """The frames at `indices`: decord seeks to the key frame before the first and decodes on to the last."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    return reader.get_batch(list(indices)).asnumpy()
 
 
 def open_with_pyav(data: bytes, source: str, decord_error: Exception) -> OpenVideo:
@@ -146,7 +171,7 @@ def open_with_pyav(data: bytes, source: str, decord_error: Exception) -> OpenVid
                        f"({first_line(error)}) reads it (truncated, or not a video container)",
                        "corrupt_video") from None
     log.debug("%s: decord cannot open it (%s); PyAV reads it", source, decord_error)
-    return OpenVideo(source, num_frames, height, width, fps, "pyav", (0, num_frames), None, data)
+    return OpenVideo(source, num_frames, height, width, fps, "pyav", (0, num_frames), data)
 
 
 def read_with_pyav(data: bytes, indices: list[int]) -> np.ndarray:
