@@ -41,6 +41,8 @@ def cmd_shard(args) -> None:
     options = {}
     for text in args.option:
         options = merge(options, parse_override(text))
+    for flag in getattr(args, "flags", ()):  # `--some-flag`: the modality's boolean option some_flag, true
+        options[flag] = True
     modality = MODALITIES.get(args.modality)(options)
     manifests = shard_source(modality, args.source, args.out, val_fraction=args.val_fraction, seed=args.seed,
                              max_count=args.max_count, max_bytes=int(args.max_mb * 2 ** 20))
@@ -126,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=64.0, help="MiB per shard at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a modality option used to check records (e.g. channels=1)")
+                   help="a modality option used to check records (e.g. channels=1); a further --NAME flag "
+                        "sets the modality's boolean option NAME (dashes as underscores) to true")
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("probe", help="kNN and linear-probe accuracy of a run's frozen encoder")
@@ -152,7 +155,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # only `shard` takes flags of its modality's own, each a bare --name
+        if args.command != "shard" or any(not u.startswith("--") or "=" in u for u in unknown):
+            top.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.flags = [u[2:].replace("-", "_") for u in unknown]
     try:
         args.func(args)
     except USER_ERRORS as err:
