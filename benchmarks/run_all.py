@@ -36,7 +36,8 @@ import common  # noqa: E402
 MARKER = "<!-- results: written by benchmarks/run_all.py; everything below this line is replaced -->"
 
 
-NAMES = ("train_step", "visible_only", "pipeline", "text_step", "text_pipeline", "graph_step")
+NAMES = ("train_step", "visible_only", "pipeline", "text_step", "text_pipeline", "graph_step", "video_step",
+         "video_pipeline")
 
 
 def _bf16_emulated(results) -> None:
@@ -74,16 +75,20 @@ def plans(quick: bool, threads: str, bf16: bool = True) -> dict[str, list[str] |
     if quick:
         out = {"train_step": ["--quick", "--threads", threads], "visible_only": ["--quick", "--threads", threads],
                "pipeline": ["--quick"], "text_step": ["--quick", "--threads", threads], "text_pipeline": ["--quick"],
-               "graph_step": ["--quick", "--threads", threads]}
+               "graph_step": ["--quick", "--threads", threads], "video_step": ["--quick", "--threads", threads],
+               "video_pipeline": ["--quick"]}
     else:
         out = {"train_step": ["--seconds", "70", "--threads", threads],
                "visible_only": ["--seconds", "20", "--threads", threads],
                "pipeline": ["--repeats", "3"],
                "text_step": ["--seconds", "60", "--threads", threads],
                "text_pipeline": ["--repeats", "3"],
-               "graph_step": ["--seconds", "45", "--repeats", "7", "--threads", threads]}
+               "graph_step": ["--seconds", "45", "--repeats", "7", "--threads", threads],
+               "video_step": ["--seconds", "60", "--max-steps", "3", "--threads", threads],
+               "video_pipeline": ["--repeats", "3"]}
     if not bf16:
         out["train_step"] += ["--precision", "fp32"]
+        out["video_step"] += ["--precision", "fp32"]
         out["visible_only"] = ("SKIPPED: bf16-only, and this CPU emulates bf16 matmuls (slower than fp32; a run "
                                "would take over an hour); figures from a CPU with native bf16 are kept above")
     return out
@@ -312,6 +317,33 @@ def graph_step_section(r: dict) -> list[str]:
                 f"{a:.0f} / {p:.0f}" for a, p in zip(b["all_runs"]["pyg"], b["all_runs"]["polymae"])) + "."]
 
 
+def video_step_section(r: dict) -> list[str]:
+    lines = ["### video_step: polymae's VideoMAE / VideoMAE V2 step vs Hugging Face VideoMAEForPreTraining", "",
+             f"ViT-S, {r.get('tokens')} tokens ({r.get('visible')} visible: tube masking 0.9), batch {r.get('batch')}, "
+             "same weights, clips and masks; V2 = running-cell decoder mask 50%.", "",
+             "| precision | HF clips/s | polymae full / ratio | polymae V2 / ratio | decoder time V2 / full (FLOPs predict) "
+             "| first-step loss HF / polymae (rel diff) |", "|---|---|---|---|---|---|"]
+    for precision in ("bf16", "fp32"):
+        p = r.get(precision)
+        if not p:
+            continue
+        d = p["decoder"]
+        lines.append(f"| {precision} | {p['hf']['clips_per_s']:.2f} | {p['polymae']['clips_per_s']:.2f} / "
+                     f"{p['ratio_full']:.2f}x | {p['polymae_v2']['clips_per_s']:.2f} / {p['ratio_v2']:.2f}x | "
+                     f"{d['measured_ratio']:.2f} ({d['flops_ratio']:.2f}) | {p['first_loss']['hf']:.5f} / "
+                     f"{p['first_loss']['polymae']:.5f} ({p['first_loss_rel_diff']:.1e}) |")
+    for precision, why in r.get("skipped", {}).items():
+        lines.append(f"\n{precision}: {why}.")
+    return lines
+
+
+def video_pipeline_section(r: dict) -> list[str]:
+    return ["### video_pipeline: shards -> 16-frame clips (decord) -> tubelets -> masks -> batches vs decode only", "",
+            f"{r.get('records')} records x {r.get('clips_per_video')} clips, {r.get('workers')} workers: pipeline "
+            f"{fmt(r.get('pipeline_clips_per_s'), '.1f')} clips/s, decord decode-only (1 process) "
+            f"{fmt(r.get('decode_clips_per_s'), '.1f')} clips/s, ratio {fmt(r.get('ratio'))}x (runs {r.get('all_runs')})."]
+
+
 def write_readme(results: dict, quick: bool) -> Path:
     path = HERE / "README.md"
     head = path.read_text().split(MARKER)[0].rstrip() if path.exists() else "# Benchmarks"
@@ -328,7 +360,8 @@ def write_readme(results: dict, quick: bool) -> Path:
     lines.append("")
     sections = {"train_step": train_step_section, "visible_only": visible_only_section, "pipeline": pipeline_section,
                 "text_step": text_step_section, "text_pipeline": text_pipeline_section,
-                "graph_step": graph_step_section}
+                "graph_step": graph_step_section, "video_step": video_step_section,
+                "video_pipeline": video_pipeline_section}
     for name, r in results.items():
         if "verdict" in r and not r["verdict"].startswith(("ERROR", "SKIPPED")):
             lines += sections[name](r) + [""]

@@ -292,6 +292,18 @@ def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folde
     assert set(reasons) == set(cases) and "no video stream" in reasons["audio.mp4"]
 
 
+def test_what_decord_cannot_open_pyav_opens_and_reads(bikes, monkeypatch):
+    def refuse(data, source):
+        raise adapters.VideoError("RuntimeError: Error reading 0 bytes")
+
+    monkeypatch.setattr(adapters, "open_with_decord", refuse)   # as decord fails on the files it cannot read
+    video = adapters.open_video(bikes, "bikes.mp4")
+    assert (video.backend, video.num_frames, video.height, video.width) == ("pyav", 250, 272, 640)
+    assert video.read([3, 1]).shape == (2, 272, 640, 3)
+    with pytest.raises(BadInput, match="neither decord .*Error reading 0 bytes.* nor PyAV"):
+        adapters.open_video(b"\x00" * 4096, "zeros.mp4")
+
+
 def test_pyav_reads_the_same_frames_as_decord(bikes):
     decord_video = adapters.open_video(bikes, "bikes.mp4")
     frames = decord_video.read([0, 5, 30])
