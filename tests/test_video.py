@@ -162,6 +162,23 @@ def test_clips_per_video_gives_several_clips_of_one_record(shards):
     assert len({batch.tokens.values[i].sum().item() for i in first}) == 3   # three different clips
 
 
+def test_a_long_video_is_read_as_clips_spread_over_it():
+    try:
+        path = adapters.fetch_moviepy_trailer() / "trailer_bbb.mp4"
+    except PackagedDataError as error:
+        pytest.skip(f"moviepy's source distribution cannot be fetched here: {error}")
+    modality = VideoModality({**TINY, "clips_per_video": 6, "source_short_side": None})  # 720p as shipped
+    record = next(iter(modality.read_source("moviepy-trailer")))
+    assert modality.samples_per_record(record) == 6 and record["mp4"] == path.read_bytes()
+    video = modality.decode(record)
+    assert (video.num_frames, video.fps, video.height, video.width) == (1323, 24.0, 720, 1280)
+    starts = [clip_indices(video.segment, 8, 3.0, part, 6, False, torch.Generator())[0][0] for part in range(6)]
+    assert starts == sorted(starts) and starts[0] < 150 and starts[-1] > 1100   # spread over the 55 s
+    video.part = (5, 6)
+    clip = modality.untokenize(modality.tokenize(video, torch.Generator(), train=False))
+    assert clip.shape == (8, 3, 32, 32)
+
+
 # -- masking ------------------------------------------------------------------------------------------
 
 def grid_tokens(grid=(4, 4, 4)) -> Tokens:

