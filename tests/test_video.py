@@ -287,6 +287,17 @@ def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folde
     with pytest.raises(BadInput, match="damaged.mp4.*cannot decode frames") as caught:
         video.read(list(range(video.num_frames // 3, video.num_frames // 3 + 40, 2)))
     assert caught.value.kind == "corrupt_frames"
+    # ... and in a run: the record is skipped and counted by kind, the good one trains
+    from polymae.pipelines.shards import write_shards
+    middle = video.num_frames // 3
+    write_shards([{"__key__": "good", "mp4": bikes},
+                  {"__key__": "damaged", "mp4": bytes(damaged), "json": json.dumps({"frames": [middle, middle + 40]})}],
+                 tmp_path / "run_shards", "train")
+    stream = ShardStream([str(p) for p in sorted((tmp_path / "run_shards").glob("train-*.tar"))],
+                         [StreamSpec("video", VideoModality(TINY), TubeMasker(0.9))], batch_size=4, train=False)
+    delivered = list(stream)
+    assert sum(len(b) for b in delivered) == 1 and delivered[-1].keys == ["good"]
+    assert sum((Counter(b.skipped) for b in delivered), Counter()) == {"corrupt_frames": 1}
     # shorter than one clip: padded by repeating the last frame, or skipped with a reason
     short = encode(5)
     padded = VideoModality(TINY).decode({"__key__": "short", "mp4": short})
