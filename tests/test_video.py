@@ -18,7 +18,7 @@ av = pytest.importorskip("av")
 pytest.importorskip("decord")
 
 from polymae.modalities.video import adapters  # noqa: E402
-from polymae.modalities.video.clips import clip_indices  # noqa: E402
+from polymae.modalities.video.clips import clip_indices, clip_step  # noqa: E402
 from polymae.modalities.video.masking import SpaceTimeMasker, TubeMasker, running_cell_maps  # noqa: E402
 from polymae.modalities.video.modality import VideoModality, tubelets, untubelets  # noqa: E402
 from polymae.pipelines.probe import heldout_losses  # noqa: E402
@@ -148,6 +148,8 @@ def test_clip_indices_cover_parts_of_the_segment_and_pad_short_videos():
     assert centre == [15, 18, 21, 24]                         # (40 - 10) / 2 = 15: the centred clip
     padded, short = clip_indices((0, 5), 4, 2.0, 0, 1, True, generator)
     assert short and padded == [0, 2, 4, 4]                   # past the end: the last frame again
+    assert clip_step(25.0, 4, None) == 4.0 and clip_step(25.0, 4, 12.5) == 2.0   # target_fps wins over the stride
+    assert clip_indices((0, 100), 4, clip_step(30.0, 1, 12.0), 0, 1, False, generator)[0] == [45, 48, 50, 53]   # 2.5 frames apart, centred
 
 
 def test_clips_per_video_gives_several_clips_of_one_record(shards):
@@ -434,6 +436,14 @@ def test_hf_videomae_import_export_and_init_from_give_the_same_loss_and_reconstr
     loss, pred = ours(parts.model, hf_batch)
     torch.testing.assert_close(loss, theirs.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pred, theirs.logits, rtol=1e-5, atol=1e-5)
+    # an encoder-only VideoMAEModel folder starts the encoder (the decoder keeps its own init)
+    encoder_folder = hf_interop.save_hf_folder(model, tmp_path / "encoder", modality, encoder_only=True)
+    assert json.loads((encoder_folder / "config.json").read_text())["architectures"] == ["VideoMAEModel"]
+    fresh = build_parts(recipe)  # init_from the full folder again, then the encoder-only one over a fresh model
+    hf_interop.load_hf_weights(fresh.model, encoder_folder, fresh.streams[0].modality)
+    for name, value in model.state_dict().items():
+        if not name.startswith("decoders."):
+            torch.testing.assert_close(fresh.model.state_dict()[name], value)
     with pytest.raises(Exception, match="model.depth=2"):
         build_parts(load_config("video/videomae.yaml", [
             "data.shards=/nonexistent", f"model.init_from={folder}", "model.width=48", "model.heads=2",
