@@ -1,4 +1,4 @@
-"""The `polymae` command line: pretrain, shard, probe, reconstruct, export, info.
+"""The `polymae` command line: pretrain, finetune, shard, probe, reconstruct, export, info.
 
 Errors the user can fix (a misspelled config key, a bad value, a missing file,
 unreadable input) are one line on stderr and exit code 2, never a traceback.
@@ -63,6 +63,21 @@ def cmd_probe(args) -> None:
         raise ConfigError("probing needs a labelled held-out split: set data.val_shards or data.val_fraction")
     print(f"probing {checkpoint}")
     print(format_probe(probe(parts, train, val)))
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import finetune, finetune_recipe, resumed_finetune_recipe
+
+    if args.resume:
+        config, ft = resumed_finetune_recipe(Path(args.resume))
+    else:
+        if args.start is None:
+            raise ConfigError("polymae finetune needs the run, checkpoint or Hugging Face folder to start from")
+        recipe, overrides = args.recipe, list(args.overrides)
+        if recipe is not None and "=" in recipe:  # no recipe file, only overrides
+            recipe, overrides = None, [recipe, *overrides]
+        config, ft = finetune_recipe(args.start, recipe, overrides, from_scratch=args.from_scratch)
+    finetune(config, ft, resume=args.resume)
 
 
 def cmd_reconstruct(args) -> None:
@@ -131,6 +146,18 @@ def parser() -> argparse.ArgumentParser:
                    help="a modality option used to check records (e.g. channels=1); a further --NAME flag "
                         "sets the modality's boolean option NAME (dashes as underscores) to true")
     p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("finetune", help="train a pretrained encoder and a task head on labels (MAE's recipe)",
+                       description="Fine-tune START (a polymae run or checkpoint, or a local Hugging Face folder "
+                                   "with RECIPE) on the labelled shards of its recipe; RECIPE's finetune: section "
+                                   "and the overrides set the task and the schedule (pipelines/finetune.py).")
+    p.add_argument("start", nargs="?", metavar="RUN_OR_FOLDER")
+    p.add_argument("recipe", nargs="?", help="YAML fine-tuning recipe, e.g. image/mae_vit_digits_finetune.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. finetune.steps=300")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="the same architecture from random init on the same budget (the baseline)")
+    p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("probe", help="kNN and linear-probe accuracy of a run's frozen encoder")
     p.add_argument("run", metavar="RUN_OR_CKPT")

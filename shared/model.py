@@ -57,8 +57,12 @@ class ModelConfig:
     kernels: str = "auto"           # auto: oneDNN linears + short-sequence attention on CPU; torch: plain ops
     init_from: str | None = None    # start from these weights: a polymae run/checkpoint or a local HF folder
     encoder_options: dict = field(default_factory=dict)  # options of an ENCODERS entry that takes them (a GNN's)
+    drop_path: float = 0.0          # stochastic depth: the last block's drop rate, rising from 0 at the first
+    #                                 (off in pretraining as MAE's; its fine-tuning uses 0.1)
 
     def __post_init__(self):
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path must be in [0, 1); got {self.drop_path}")
         if self.size not in MODEL_SIZES:
             raise ConfigError(f"model.size must be one of {', '.join(MODEL_SIZES.names())}; got {self.size!r}")
         if self.pool not in ("mean", "cls"):
@@ -112,10 +116,10 @@ class Block(nn.Module):
     post-norm (BERT: norm(x + f(x)))."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float, kernels: str = "auto",
-                 norm_first: bool = True):
+                 norm_first: bool = True, drop_path: float = 0.0):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.kernels, self.norm_first = kernels, norm_first
+        self.kernels, self.norm_first, self.drop_path = kernels, norm_first, drop_path
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, kernels)
         self.norm2 = nn.LayerNorm(width, eps=eps)
@@ -125,12 +129,21 @@ class Block(nn.Module):
         fc1, act, fc2 = self.mlp
         return linear(act(linear(x, fc1, self.kernels)), fc2, self.kernels)
 
+    def residual(self, x: Tensor, update: Tensor) -> Tensor:
+        """x + update, the update dropped for whole samples at rate `drop_path` while training
+        (stochastic depth, "Deep Networks with Stochastic Depth"; kept ones scaled up to keep the mean)."""
+        if not (self.drop_path and self.training):
+            return x + update
+        keep = 1.0 - self.drop_path
+        kept = torch.empty(x.shape[0], *[1] * (x.dim() - 1), device=x.device, dtype=update.dtype).bernoulli_(keep)
+        return x + update * (kept / keep)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if not self.norm_first:
-            x = self.norm1(x + self.attn(x, attn_mask))
-            return self.norm2(x + self.feed_forward(x))
-        x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.feed_forward(self.norm2(x))
+            x = self.norm1(self.residual(x, self.attn(x, attn_mask)))
+            return self.norm2(self.residual(x, self.feed_forward(x)))
+        x = self.residual(x, self.attn(self.norm1(x), attn_mask))
+        return self.residual(x, self.feed_forward(self.norm2(x)))
 
 
 class InputAdapter(nn.Module):
@@ -190,8 +203,9 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.width, self.depth, self.causal = cfg.width, cfg.depth, cfg.causal
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.cls_token else None
+        rates = torch.linspace(0.0, cfg.drop_path, cfg.depth).tolist()  # deeper blocks are dropped more often
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_norm_eps, cfg.kernels,
-                                          cfg.norm_first) for _ in range(cfg.depth))
+                                          cfg.norm_first, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
     @property
@@ -467,9 +481,9 @@ class MaskedAutoencoder(nn.Module):
                    for name, decoder in self.decoders.items()}
         return Outputs(streams, latent, taps)
 
-    @torch.no_grad()
     def features(self, batch: Batch) -> Tensor:
-        """One vector per sample from the encoder on every real token of every stream (probing)."""
+        """One vector per sample from the encoder on every real token of every stream: what a probe
+        reads (under no_grad) and a fine-tuned head trains on (with gradients)."""
         names = list(batch.streams)
         embedded = [self.input_adapters[name](batch.streams[name]) for name in names]
         x = torch.cat(embedded, dim=1)

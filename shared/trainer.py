@@ -80,16 +80,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if bf16_is_faster(device.type) else "fp32"
 
 
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """MAE decays matrices only: biases, norms, cls/mask tokens and position tables are not decayed."""
+    return param.ndim < 2 or name.endswith("_token") or "position" in name
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norms, cls/mask tokens and position tables are not decayed (MAE)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or name.endswith("_token") or "position" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

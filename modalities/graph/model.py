@@ -188,7 +188,6 @@ class GraphMaskedAutoencoder(nn.Module):
                                     tokens.edge_fields.get("attr"))
         return self.pad_back(codes, rows, b, n)
 
-    @torch.no_grad()
     def features(self, batch: Batch) -> Tensor:
         """One vector per sample: its readout nodes' mean code, else its nodes pooled."""
         tokens = batch.streams[self.stream]

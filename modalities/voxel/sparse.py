@@ -241,7 +241,6 @@ class SparseMaskedAutoencoder(nn.Module):
         pred, latent = self.reconstruct(tokens.values, tokens.coords, batch.mask, tokens.valid)
         return Outputs({self.stream: {"pred": pred}}, latent)
 
-    @torch.no_grad()
     def features(self, batch: Batch) -> Tensor:
         tokens = batch.tokens
         return self.pooled_features(tokens.values, tokens.coords, tokens.valid)

@@ -1,0 +1,160 @@
+"""`polymae finetune` on the digits: a pretrained encoder trained with a task head under MAE's
+fine-tuning recipe (layer-wise lr decay, stochastic depth, mixup / cutmix, label smoothing), the
+from-scratch baseline, MAE's linear probe, and bad starts and labels refused in one line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from polymae.pipelines.finetune import (FinetuneConfig, Finetuning, cutmix_box, finetune, finetune_recipe,
+                                        layer_decay_groups, task_head)
+from polymae.pipelines.pretrain import pretrain
+from polymae.shared.checkpoint import checkpoint_dirs
+from polymae.shared.config import load_config
+from polymae.shared.errors import ConfigError
+
+TINY = ["model.width=64", "model.depth=3", "model.heads=4", "model.decoder_width=32", "model.decoder_depth=1",
+        "model.decoder_heads=4"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits_shards):
+    """A tiny MAE pretrained for 40 steps on the digits (the default recipe, smaller)."""
+    out = tmp_path_factory.mktemp("finetune-start")
+    config = load_config(None, [f"data.shards={digits_shards}", "data.source=null", f"out_dir={out}",
+                                "trainer.max_steps=40", "trainer.max_minutes=null", "trainer.warmup_steps=5",
+                                "probe.enabled=false", "data.batch_size=64", "data.num_workers=0", *TINY])
+    pretrain(config)
+    return out / "digits_mae"
+
+
+def quick(start, *overrides, from_scratch=False):
+    return finetune_recipe(start, "image/mae_vit_digits_finetune.yaml",
+                           ["finetune.steps=30", "finetune.eval_every=15", "finetune.warmup_steps=5",
+                            "data.num_workers=0", "trainer.log_every=5", *overrides], from_scratch=from_scratch)
+
+
+def test_finetuning_a_pretrained_run_learns_the_labels_and_writes_its_records(pretrained, tmp_path):
+    config, ft = quick(pretrained, f"out_dir={tmp_path}", "finetune.mixup=0", "finetune.cutmix=0",  # mixing: below
+                       "finetune.steps=60", "finetune.eval_every=30")
+    assert config.model.init_from == str(pretrained) and config.model.drop_path == 0.1
+    summary = finetune(config, ft)
+    run_dir = tmp_path / "digits_mae_finetune"
+    assert summary["steps"] == 60 and [e["step"] for e in json.loads((run_dir / "summary.json").read_text())
+                                        ["evaluations"]] == [30, 60]
+    assert summary["last"]["top1"] > 0.35, summary["last"]     # 10 classes: chance is 0.1
+    assert summary["best"]["top1"] >= summary["last"]["top1"] and 0 < summary["last"]["macro_f1"] <= 1
+    evaluations = [json.loads(line)["eval"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if "eval" in line]
+    assert [e["step"] for e in evaluations] == [30, 60]
+    assert Image.open(run_dir / "confusion.png").size == (40 + 10 * 36, 40 + 10 * 36)
+    weights = load_file(str(checkpoint_dirs(run_dir)[-1] / "model.safetensors"))
+    assert weights["head.1.weight"].shape == (10, 64)  # after the head's BatchNorm
+
+
+def test_the_from_scratch_baseline_starts_from_random_weights_on_the_same_budget(pretrained, tmp_path):
+    config, ft = quick(pretrained, f"out_dir={tmp_path}", from_scratch=True)
+    assert config.model.init_from is None and config.name == "digits_mae_scratch" and ft.steps == 30
+    summary = finetune(config, ft)
+    assert summary["steps"] == 30 and summary["start"] is None
+
+
+def test_linear_probe_mode_trains_only_a_batchnorm_and_linear_head(pretrained, tmp_path):
+    config, ft = quick(pretrained, f"out_dir={tmp_path}", "finetune.mode=linear", "finetune.lr=1.0", "finetune.steps=60",
+                       "finetune.mixup=0", "finetune.cutmix=0")
+    assert config.model.drop_path == 0.0
+    summary = finetune(config, ft)
+    start = load_file(str(checkpoint_dirs(pretrained)[-1] / "model.safetensors"))
+    after = load_file(str(checkpoint_dirs(tmp_path / "digits_mae_linear")[-1] / "model.safetensors"))
+    encoder = [k for k in start if k.startswith("model.encoder.")]
+    assert encoder and all(torch.equal(start[k], after[k]) for k in encoder)   # frozen
+    assert "head.0.running_mean" in after and "head.0.weight" not in after    # BatchNorm without affine
+    assert summary["last"]["top1"] > 0.3  # a 40-step pretraining's frozen features, 60 steps of probe
+
+
+def test_layer_wise_decay_scales_each_block_and_exempts_norms_and_biases(pretrained):
+    config, ft = quick(pretrained)
+    from polymae.pipelines.runs import build_parts
+
+    model = build_parts(config).model
+    module = Finetuning(model, task_head(64, 10, "full"), ft)
+    groups = layer_decay_groups(module, 0.05, 0.5)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    assert scale_of[id(named["head.1.weight"])] == (1.0, 0.05)                  # the head: full lr
+    assert scale_of[id(named["head.0.weight"])] == (1.0, 0.0)                   # its BatchNorm: no decay
+    assert scale_of[id(named["model.encoder.blocks.2.mlp.0.weight"])] == (0.5, 0.05)
+    assert scale_of[id(named["model.encoder.blocks.0.mlp.0.weight"])] == (0.125, 0.05)
+    assert scale_of[id(named["model.encoder.blocks.0.norm1.weight"])] == (0.125, 0.0)
+    assert scale_of[id(named["model.input_adapters.image.embed.weight"])] == (0.0625, 0.05)
+    assert scale_of[id(named["model.encoder.cls_token"])] == (0.0625, 0.0)
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    from polymae.shared.model import Block
+
+    block = Block(32, 4, 4.0, 1e-6, drop_path=0.5)
+    x = torch.zeros(64, 5, 32)
+    torch.manual_seed(0)
+    update = block.residual(x, torch.ones_like(x))
+    per_sample = update[:, 0, 0]
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}                      # dropped, or kept and doubled
+    assert bool((update == per_sample[:, None, None]).all())                    # whole samples
+    block.eval()
+    assert torch.equal(block.residual(x, torch.ones_like(x)), x + 1)
+    assert 10 < int((per_sample == 0).sum()) < 54                                # about half dropped
+
+
+def test_cutmix_boxes_lie_on_the_token_grid_and_mixing_weights_match_their_area():
+    torch.manual_seed(0)
+    for lam in (0.1, 0.5, 0.9):
+        inside, kept = cutmix_box((4, 4), lam, "cpu")
+        assert kept == pytest.approx(1 - inside.sum().item() / 16)
+        rows, cols = inside.view(4, 4).nonzero(as_tuple=True)
+        if len(rows):  # one rectangle
+            assert inside.view(4, 4)[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+def test_mixup_mixes_inputs_and_soft_targets_alike(digits_shards):
+    from polymae.pipelines.runs import build_parts
+    from polymae.pipelines.stream import Loader, ShardStream
+    from polymae.pipelines.shards import resolve_shards
+
+    config = load_config(None, [f"data.shards={digits_shards}", "data.source=null", *TINY])
+    parts = build_parts(config)
+    batch = next(iter(Loader(ShardStream(resolve_shards(digits_shards, prefix="val"), parts.streams, batch_size=8,
+                                         train=False), 0)))
+    ft = FinetuneConfig(mixup=1.0, label_smoothing=0.0)
+    module = Finetuning(parts.model, task_head(64, 10, "full"), ft).train()
+    torch.manual_seed(3)
+    mixed, targets = module.mix(batch, module.targets(batch))
+    values, flipped = batch.tokens.values, batch.tokens.values.flip(0)
+    lam = targets[torch.arange(8), batch.labels].min()  # the share each sample keeps of its own label
+    assert torch.allclose(targets.sum(1), torch.ones(8))
+    assert torch.allclose(mixed.tokens.values, lam * values + (1 - lam) * flipped, atol=1e-6) or \
+        torch.allclose(mixed.tokens.values, (1 - lam) * values + lam * flipped, atol=1e-6)
+
+
+def test_bad_starts_and_labels_are_one_line_errors(pretrained, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "polymae.pipelines.cli", "finetune", *map(str, args),
+                               f"out_dir={tmp_path}", "data.num_workers=0"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    cases = {(empty,): "neither a checkpoint folder nor a run folder with checkpoints",
+             (pretrained, "finetune.classes=5"): "class 5 is outside the head's 0..4",
+             (pretrained, "finetune.task=regression", "finetune.label=value.json"): "needs labels"}
+    for args, message in cases.items():
+        result = run(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    with pytest.raises(ConfigError, match="finetune.layer_decay"):
+        quick(pretrained, "finetune.layer_decay=0")
