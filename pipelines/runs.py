@@ -191,7 +191,11 @@ def stream_modalities(config: Config) -> dict[str, Modality]:
                               f"{error.args[0]}") from None
         where = "modality_options" if not config.streams else f"streams.{name}.options"
         modalities[name] = modality_class(stream.options, payload_keys=stream.keys, where=where)
-        MASKERS.get(stream.mask.name or modalities[name].default_masker)  # a misspelt masker fails before any data
+        try:  # a misspelt masker fails before any data
+            MASKERS.get(stream.mask.name or modalities[name].default_masker)
+        except KeyError as error:
+            raise ConfigError(f"{'mask.name' if not config.streams else f'streams.{name}.mask.name'}: "
+                              f"{error.args[0]}") from None
     return modalities
 
 

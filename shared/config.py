@@ -4,14 +4,17 @@
 command-line overrides onto the defaults and checks every key and value
 against the dataclasses below. An unknown key or a bad value raises
 `ConfigError` with one line naming the key and what is allowed; the CLI turns
-it into exit code 2. The dataclass defaults are MAE's; a recipe names the
-rest. With no recipe, `polymae pretrain` runs the shipped default,
+it into exit code 2. A numeric key declares the range it allows where it is
+declared (`bounded`), and `build` checks it before any dataclass is made; a
+key a resumed run may change is marked RESUMABLE (`resume_changes`). The
+dataclass defaults are MAE's; a recipe names the rest. With no recipe, `polymae pretrain` runs the shipped default,
 configs/image/mae_vit_digits.yaml (installed as `polymae.configs`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,24 +37,77 @@ def resumable(default):
     return field(default=default, metadata=RESUMABLE)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a key allows: `low` <= value (< with low_open), value <= `high` (< with
+    high_open); any bound makes inf and nan invalid too. `build` checks every key that declares
+    them, with the key's full dotted name, before the dataclass is made."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(part for part in (low, high) if part) or "finite"
+
+
+def bounded(default, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, may_change_on_resume: bool = False):
+    """A numeric key with the range it allows (None stays allowed where the key's type is optional)."""
+    metadata = {"bounds": Bounds(low, high, low_open, high_open), **(RESUMABLE if may_change_on_resume else {})}
+    return field(default=default, metadata=metadata)
+
+
+# Bounds of keys whose dataclass lives elsewhere (shared/model.py, which config.py imports and
+# which so cannot import `bounded`): width, depth and heads of 0 or less used to fall back to the
+# size's default (`0 or default`) or build no blocks at all.
+FOREIGN_BOUNDS = {
+    ModelConfig: {name: Bounds(1) for name in ("width", "depth", "heads", "decoder_width", "decoder_heads")}
+    | {"decoder_depth": Bounds(0), "mlp_ratio": Bounds(0, low_open=True), "decoder_mlp_ratio": Bounds(0, low_open=True),
+       "layer_norm_eps": Bounds(0, low_open=True)},
+    DecoderConfig: {"width": Bounds(1), "heads": Bounds(1), "depth": Bounds(0), "layer": Bounds(1)},
+}
+
+
+def check_bounds(cls: type, values: dict, prefix: str) -> None:
+    for f in dataclasses.fields(cls):
+        bounds = f.metadata.get("bounds") or FOREIGN_BOUNDS.get(cls, {}).get(f.name)
+        value = values.get(f.name)
+        if bounds is None or value is None:
+            continue
+        items = value if isinstance(value, (tuple, list)) else [value]
+        if not all(isinstance(item, (int, float)) and bounds.allows(item) for item in items):
+            raise ConfigError(f"{prefix}{f.name} must be {'each ' if items is value else ''}{bounds.describe()}; "
+                              f"got {value!r}")
+
+
 @dataclass
 class DataConfig:
     shards: str = ""                  # folder of {train,val}-*.tar (or train: glob, brace pattern, URLs)
     val_shards: str | None = None     # labelled held-out shards for probing; None: `shards`' val split
     source: str | None = None         # shard this (a folder or built-in source) into `shards` if it holds none
-    val_fraction: float = 0.0         # share of `source` held out as the labelled val split
-    batch_size: int = 256
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
+    val_fraction: float = bounded(0.0, 0.0, 1.0, high_open=True)  # share of `source` held out as the labelled val split
+    batch_size: int = bounded(256, 1)
+    num_workers: int = bounded(2, 0)
+    shuffle_buffer: int = bounded(2000, 0)  # records; 0 or 1: no shuffling
     resampled: bool = False           # infinite stream, shards drawn with replacement
-    batches_per_epoch: int | None = None  # per rank; under torchrun default: manifest records // (ranks x batch)
+    batches_per_epoch: int | None = bounded(None, 1)  # per rank; under torchrun default: manifest records // (ranks x batch)
     seed: int = 0
 
 
 @dataclass
 class MaskConfig:
     name: str | None = None           # None: the modality's default masker
-    ratio: float = 0.75
+    ratio: float = bounded(0.75, 0.0, 1.0, low_open=True, high_open=True)  # hidden share: some, never all
     options: dict = field(default_factory=dict)
 
 
@@ -69,34 +125,29 @@ class StreamConfig:
 class BudgetConfig:
     """MultiMAE's shared token budget: `visible` encoder tokens per sample, split across
     the streams by a Dirichlet(alpha) draw (each stream's mask.ratio is then unused)."""
-    visible: int | None = None
-    alpha: float = 1.0
+    visible: int | None = bounded(None, 1)
+    alpha: float = bounded(1.0, 0.0, low_open=True)
 
-    def __post_init__(self):
-        if self.visible is not None and self.visible < 1:
-            raise ConfigError(f"budget.visible must be >= 1, got {self.visible}")
-        if self.alpha <= 0:
-            raise ConfigError(f"budget.alpha must be positive, got {self.alpha}")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = resumable(1000)
-    max_minutes: float | None = resumable(None)  # wall-clock budget for the training loop
-    lr: float = 1.5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 40
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    accum_steps: int = 1
+    max_steps: int = bounded(1000, 1, may_change_on_resume=True)
+    max_minutes: float | None = bounded(None, 0.0, low_open=True, may_change_on_resume=True)  # wall-clock budget for the training loop
+    lr: float = bounded(1.5e-4, 0.0, low_open=True)
+    min_lr: float = bounded(0.0, 0.0)
+    warmup_steps: int = bounded(40, 0)
+    weight_decay: float = bounded(0.05, 0.0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), 0.0, 1.0, high_open=True)
+    accum_steps: int = bounded(1, 1)
     precision: str = "auto"           # auto | bf16 | fp32 (autocast); auto: bf16 where it is measured faster
-    clip_grad: float | None = 1.0
-    ckpt_every: int = resumable(500)
-    keep_last: int = resumable(3)
-    log_every: int = resumable(10)
-    picture_every: int = resumable(500)
-    max_nonfinite: int = resumable(5)            # consecutive non-finite losses before the run stops
-    max_bad_fraction: float = resumable(0.1)     # skipped / seen records above this stops the run
+    clip_grad: float | None = bounded(1.0, 0.0, low_open=True)  # None: no clipping
+    ckpt_every: int = bounded(500, 1, may_change_on_resume=True)
+    keep_last: int = bounded(3, 1, may_change_on_resume=True)
+    log_every: int = bounded(10, 1, may_change_on_resume=True)
+    picture_every: int = bounded(500, 1, may_change_on_resume=True)
+    max_nonfinite: int = bounded(5, 1, may_change_on_resume=True)            # consecutive non-finite losses before the run stops
+    max_bad_fraction: float = bounded(0.1, 0.0, 1.0, may_change_on_resume=True)     # skipped / seen records above this stops the run
     device: str = "auto"              # auto | cpu | cuda
     strategy: str = "ddp"             # under torchrun: ddp (replicated) | fsdp (sharded parameters)
     seed: int = 0
@@ -108,26 +159,21 @@ class TrainerConfig:
             raise ConfigError(f"trainer.strategy must be one of ddp, fsdp; got {self.strategy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"trainer.device must be one of auto, cpu, cuda; got {self.device!r}")
-        for name in ("max_steps", "accum_steps", "ckpt_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
 class ProbeConfig:
     enabled: bool = True              # probe at the end of `polymae pretrain`
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    max_samples: int = 20000          # per split, to keep probing quick
+    knn_k: int = bounded(20, 1)
+    knn_temperature: float = bounded(0.07, 0.0, low_open=True)
+    max_samples: int = bounded(20000, 1)          # per split, to keep probing quick
     protocol: str = "split"           # split: fit on train, score held-out; cross_validation: k folds over
     #                                   both splits together, mean and std (small labelled sets: GraphMAE's)
-    folds: int = 10
+    folds: int = bounded(10, 2)
 
     def __post_init__(self):
         if self.protocol not in ("split", "cross_validation"):
             raise ConfigError(f"probe.protocol must be split or cross_validation; got {self.protocol!r}")
-        if self.folds < 2:
-            raise ConfigError(f"probe.folds must be >= 2, got {self.folds}")
 
 
 @dataclass
@@ -152,6 +198,12 @@ class Config:
                 or "\0" in self.name):
             raise ConfigError(f"name must be one folder name inside out_dir (no '/' or '\\', not '.' or '..'); "
                               f"got {self.name!r}")
+        model = self.model.resolved()
+        # the ViT's attention splits its width into heads (a GNN's or sparse CNN's heads mean other things)
+        for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")) if model.encoder == "vit" else ():
+            if getattr(model, width) % getattr(model, heads):
+                raise ConfigError(f"model.{heads} must divide model.{width} ({getattr(model, width)}); "
+                                  f"got {getattr(model, heads)}")
 
     def stream_configs(self) -> dict[str, StreamConfig]:
         """The recipe's streams in order: `streams`, or the one stream `modality` names."""
@@ -188,7 +240,7 @@ def _check_value(value: Any, kind: Any, where: str) -> Any:
             try:
                 return _check_value(value, option, where)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} is not a valid value")
     if dataclasses.is_dataclass(kind):
         if isinstance(value, kind):
@@ -243,6 +295,7 @@ def build(cls: type, values: dict, where: str = ""):
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}allowed: {', '.join(known)}")
     checked = {key: _check_value(value, hints[key], f"{prefix}{key}") for key, value in values.items()}
+    check_bounds(cls, checked, prefix)
     defaults = cls()
     merged = {}
     for key, value in checked.items():

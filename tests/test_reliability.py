@@ -11,6 +11,8 @@
    stays the recipe the run started with;
 4. keys from any byte string: file names that are not UTF-8 shard (each its own key) and train,
    from a folder and from a tar written by another tool;
+5. values that change results are refused where the schema declares the key: a walk over every
+   key of the schema with values of each wrong type and just outside each key's bounds.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from polymae.pipelines.pretrain import pretrain
 from polymae.pipelines.runs import LOCK_FILE, RunLock, load_run
 from polymae.shared.checkpoint import checkpoint_damage, checkpoint_dirs, resolve_checkpoint, save_checkpoint
 from polymae.shared.config import load_config
-from polymae.shared.errors import CheckpointError
+from polymae.shared.errors import CheckpointError, ConfigError
 
 CLI = [sys.executable, "-m", "polymae.pipelines.cli"]
 TINY = ["model.depth=1", "model.width=32", "model.heads=2", "model.decoder_depth=1", "model.decoder_width=32",
@@ -306,6 +309,11 @@ def test_file_names_that_are_not_utf8_shard_with_a_val_split_each_under_its_own_
     manifests = {split: json.loads((shards / f"{split}-manifest.json").read_text()) for split in ("train", "val")}
     assert all(manifest["rejected"] == [] for manifest in manifests.values()), manifests
     assert sum(manifest["total"] for manifest in manifests.values()) == len(names)  # none merged, none lost
+    from polymae.pipelines.stream import read_shard
+
+    keys = [record["__key__"] for split in ("train", "val") for shard in sorted(shards.glob(f"{split}-*.tar"))
+            for record in read_shard(str(shard))]
+    assert len(set(keys)) == len(names), "two files under one key: one mask seed, one split, merged when adjacent"
     trained = tiny_train(shards, tmp_path / "runs")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "trained 3 steps" in trained.stdout
@@ -336,3 +344,99 @@ def test_a_key_hashes_whatever_its_bytes_and_valid_text_hashes_as_before():
     assert isinstance(stable_hash("\ud800"), int)  # a lone surrogate no file system gives
     # valid text: the very hash of before, so existing splits and masks do not move
     assert stable_hash(0, "digit00001") == 16182951792141268371
+
+
+# == 5. every key checked where it is declared ========================================================
+
+
+def schema_leaves(cls=None, where=""):
+    """(dotted key, type, bounds) of every leaf key of the config schema, sections walked."""
+    import dataclasses
+    import typing
+
+    from polymae.shared.config import FOREIGN_BOUNDS, Config
+
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from schema_leaves(kind, f"{where}{f.name}.")
+        else:
+            yield f"{where}{f.name}", kind, f.metadata.get("bounds") or FOREIGN_BOUNDS.get(cls, {}).get(f.name)
+
+
+def wrong_types(kind) -> list[str]:
+    """YAML texts of values of another type than `kind` allows."""
+    import typing
+
+    allowed = set(typing.get_args(kind)) or {kind}
+    allowed = {typing.get_origin(a) or a for a in allowed}
+    candidates = {int: ["1.5", "abc", "[1, 2]", "{a: 1}", "true"], float: ["abc", "[1, 2]", "{a: 1}", "true"],
+                  bool: ["maybe", "3", "[true]"], str: ["3", "[a, b]", "{a: 1}"], dict: ["3", "abc", "[1]"],
+                  tuple: ["3", "abc"]}
+    texts = []
+    for base in allowed & candidates.keys():
+        texts += candidates[base]
+
+    def wrong(text):  # an int is a number too, where a float is allowed
+        value = yaml.safe_load(text)
+        fits = [base for base in allowed if isinstance(value, base) and not (base is int and isinstance(value, bool))]
+        return not fits and not (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+    return sorted({text for text in texts if wrong(text)})
+
+
+def out_of_bounds(bounds) -> list[str]:
+    if bounds is None:
+        return []
+    texts = [".inf", ".nan"]
+    if bounds.low is not None:
+        texts += [str(bounds.low - 1), str(bounds.low - 3)] + ([str(bounds.low)] if bounds.low_open else [])
+    if bounds.high is not None:
+        texts.append(str(bounds.high) if bounds.high_open else str(bounds.high + 1))
+    return texts
+
+
+CHOICE_KEYS = ["trainer.precision", "trainer.strategy", "trainer.device", "probe.protocol", "model.size",
+               "model.pool", "model.kernels", "model.encoder", "mask.name", "decoder.kind", "decoder.rows"]
+BAD_VALUES = sorted({(key, text) for key, kind, bounds in schema_leaves() for text in wrong_types(kind)
+                     + out_of_bounds(bounds)} | {(key, "nosuch") for key in CHOICE_KEYS}
+                    | {("model.heads", "7"), ("model.decoder_heads", "5")})
+
+
+def test_the_walk_covers_the_issues_values():
+    for case in [("model.depth", "0"), ("model.depth", "-2"), ("model.width", "0"), ("data.batches_per_epoch", "0"),
+                 ("trainer.clip_grad", "0.0"), ("trainer.weight_decay", "-1.0"), ("trainer.max_bad_fraction", "2.0"),
+                 ("mask.ratio", "0.0"), ("mask.ratio", "1.0"), ("trainer.lr", ".inf"), ("data.batch_size", "0")]:
+        assert case in BAD_VALUES, case
+    assert len(BAD_VALUES) > 150
+
+
+def test_every_key_of_the_schema_refuses_bad_values_naming_the_key():
+    """Each bad value is refused before any data is read or any model trained, by load_config or the
+    checks pretrain makes next (each stream's modality and masker, the model), as a ConfigError
+    naming the key; the CLI prints that as one line, exit 2."""
+    from polymae.pipelines.runs import build_parts
+
+    accepted, unnamed = [], []
+    for key, text in BAD_VALUES:
+        try:
+            config = load_config(None, [*TINY, f"{key}={text}"])
+            build_parts(config)
+        except ConfigError as error:
+            if key not in str(error) and key.rsplit(".", 1)[-1] not in str(error):
+                unnamed.append((key, text, str(error)))
+            continue
+        accepted.append((key, text))
+    assert not accepted, f"{len(accepted)} bad values accepted: {accepted}"
+    assert not unnamed, unnamed
+
+
+@pytest.mark.parametrize("override", ["model.depth=-2", "trainer.max_bad_fraction=2", "mask.ratio=1.5",
+                                      "data.batches_per_epoch=-1", "model.heads=7"])
+def test_a_bad_value_is_one_line_exit_2(tmp_path, override):
+    result = subprocess.run([*CLI, "pretrain", override, f"out_dir={tmp_path}"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    error = one_line_error(result)
+    assert override.split("=")[0] in error
+    assert not (tmp_path / "digits_mae").exists()
