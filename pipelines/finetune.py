@@ -32,6 +32,7 @@ Records with a bad label are refused before training, naming the record.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -48,7 +49,7 @@ from torch import nn
 from polymae.shared import distributed
 from polymae.shared.checkpoint import resolve_checkpoint
 from polymae.shared.config import Config, as_dict, build, dump_config, find_config, merge, parse_override
-from polymae.shared.errors import ConfigError
+from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.masking import build_masker
 from polymae.shared.modality import label_of
 from polymae.shared.trainer import Trainer, make_adamw, no_weight_decay, warmup_cosine
@@ -163,32 +164,39 @@ def resumed_finetune_recipe(run_dir: Path) -> tuple[Config, FinetuneConfig]:
 
 
 def record_label(sample: dict, ft: FinetuneConfig):
-    """A record's label as the task reads it: an int class, a list of 0/1, or a number; None if absent."""
+    """A record's label as the task reads it: an int class, a list of 0/1, or a number; None if
+    absent; BadInput ("bad_label") when it is not what the task reads."""
     if ft.label == "cls":
         return label_of(sample)
-    raw = sample.get(ft.label)
+    raw, key = sample.get(ft.label), sample.get("__key__", "?")
     if raw is None:
         return None
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"record {sample['__key__']!r}: its {ft.label} is not JSON") from None
-    if ft.task == "regression" and not isinstance(value, (int, float)):
-        raise ConfigError(f"record {sample['__key__']!r}: a regression label is one number, got {value!r}")
+        raise BadInput(key, f"its {ft.label} is not JSON", "bad_label") from None
+    if ft.task == "regression" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise BadInput(key, f"a regression label is one number, its {ft.label} holds {value!r}", "bad_label")
     if ft.task == "multilabel" and not (isinstance(value, list) and all(v in (0, 1) for v in value)):
-        raise ConfigError(f"record {sample['__key__']!r}: a multi-label label is a list of 0/1, got {value!r}")
+        raise BadInput(key, f"a multi-label label is a list of 0/1, its {ft.label} holds {value!r}", "bad_label")
+    if ft.task == "classification" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadInput(key, f"a class is an integer, its {ft.label} holds {value!r}", "bad_label")
     return value
 
 
 def label_summary(shards: list[str], ft: FinetuneConfig) -> dict:
     """Every record's label read once (the tar only, nothing decoded), so that a record without
     a label, a class outside the head's or a label vector of another length stops the run
-    before training with the record's name, not a step into it."""
-    classes, lengths, count = set(), set(), 0
+    before training with the record's name, not a step into it. Also the head's output count
+    and, for regression, the values' mean and std (the head predicts standardised values)."""
+    classes, lengths, values, count = set(), set(), [], 0
     for shard in shards:
         for sample in read_shard(shard):
-            label = record_label(sample, ft)
             where = f"record {sample['__key__']!r} of {shard}"
+            try:
+                label = record_label(sample, ft)
+            except BadInput as error:
+                raise ConfigError(f"{where}: {error.problem}") from None
             if label is None:
                 raise ConfigError(f"polymae finetune needs labels: {where} has no '{ft.label}' (and maybe others; "
                                   f"shards: {', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''})")
@@ -197,13 +205,16 @@ def label_summary(shards: list[str], ft: FinetuneConfig) -> dict:
                 if label < 0 or (ft.classes is not None and label >= ft.classes):
                     raise ConfigError(f"{where}: class {label} is outside the head's 0..{(ft.classes or 1) - 1}")
                 classes.add(label)
+            elif ft.task == "regression":
+                values.append(float(label))
             elif ft.task == "multilabel":
                 lengths.add(len(label))
                 if len(lengths) > 1 or (ft.classes is not None and len(label) != ft.classes):
                     raise ConfigError(f"{where}: its label vector has {len(label)} entries, the others "
                                       f"{ft.classes or sorted(lengths - {len(label)})}")
     outputs = 1 if ft.task == "regression" else ft.classes or (max(classes) + 1 if classes else lengths.pop())
-    return {"records": count, "outputs": outputs}
+    spread = (float(np.mean(values)), float(np.std(values)) or 1.0) if values else (0.0, 1.0)
+    return {"records": count, "outputs": outputs, "value_scale": spread}
 
 
 # -- the model -----------------------------------------------------------------------------------------
@@ -212,21 +223,25 @@ def label_summary(shards: list[str], ft: FinetuneConfig) -> dict:
 class Finetuning(nn.Module):
     """The pretrained model's features -> the task head -> the task's loss; what the Trainer optimises."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, ft: FinetuneConfig):
+    def __init__(self, model: nn.Module, head: nn.Module, ft: FinetuneConfig, value_scale: tuple[float, float] = (0, 1)):
         super().__init__()
         self.model, self.head, self.ft = model, head, ft
+        # regression: the head predicts standardised values (a head initialised near zero starts at the mean)
+        self.value_mean, self.value_std = value_scale
 
     def predict(self, batch) -> torch.Tensor:
-        return self.head(self.model.features(batch))
+        """The head's outputs: logits, or for regression the values in their own units."""
+        out = self.head(self.model.features(batch))
+        return out * self.value_std + self.value_mean if self.ft.task == "regression" else out
 
     def forward(self, batch):
         ft = self.ft
         targets = self.targets(batch)
         if self.training and (ft.mixup or ft.cutmix):
             batch, targets = self.mix(batch, targets)
-        logits = self.predict(batch).float()
+        logits = self.head(self.model.features(batch)).float()
         if ft.task == "regression":
-            loss = F.mse_loss(logits.squeeze(1), targets)
+            loss = F.mse_loss(logits.squeeze(1), (targets - self.value_mean) / self.value_std)
         elif ft.task == "multilabel":
             loss = F.binary_cross_entropy_with_logits(logits, targets)
         else:
@@ -484,7 +499,12 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     train_shards, val_shards = split_shards(config, modalities)
     if not val_shards:
         raise ConfigError("fine-tuning scores a labelled held-out split: set data.val_shards or data.val_fraction")
-    labels = label_summary(train_shards + val_shards, ft)
+    labels, held_out = label_summary(train_shards, ft), label_summary(val_shards, ft)  # scales from train only
+    if ft.task == "multilabel" and labels["outputs"] != held_out["outputs"]:
+        raise ConfigError(f"the train split's label vectors have {labels['outputs']} entries, the held-out "
+                          f"split's {held_out['outputs']}")
+    labels["outputs"] = max(labels["outputs"], held_out["outputs"])
+    labels["records"] += held_out["records"]
     parts = build_parts(config, modalities=modalities)  # the start's weights through model.init_from
     nothing_hidden = build_masker("random", 0.0)  # the encoder reads every token
     streams = [spec._replace(masker=nothing_hidden) for spec in parts.streams]
@@ -492,8 +512,9 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     batch_size = ft.batch_size or data.batch_size
     eval_parts = RunParts(replace(config, data=replace(data, batch_size=batch_size)), streams, parts.module)
 
+    label_reader = functools.partial(record_label, ft=ft)  # a partial of a module function: it pickles to workers
     first = next(iter(Loader(ShardStream(val_shards, streams, batch_size=min(batch_size, 8), train=False,
-                                         split_by_rank=False), 0)))
+                                         split_by_rank=False, label_reader=label_reader), 0)))
     model = parts.model
     if ft.mode == "linear":
         model.requires_grad_(False)
@@ -503,14 +524,15 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     with torch.no_grad():
         width = model.features(first).shape[1]
     torch.manual_seed(ft.seed)
-    module = Finetuning(model, task_head(width, labels["outputs"], ft.mode, ft.head_norm), ft)
+    module = Finetuning(model, task_head(width, labels["outputs"], ft.mode, ft.head_norm), ft, labels["value_scale"])
 
     def evaluate(finetuned: Finetuning) -> tuple[dict, tuple]:
-        outputs, targets, _ = extract(eval_parts, val_shards, Predictor(finetuned), 10 ** 9, context.device)
+        outputs, targets, _ = extract(eval_parts, val_shards, Predictor(finetuned), 10 ** 9, context.device,
+                                      label_reader)
         return metrics(ft.task, outputs, targets), (outputs, targets)
 
     stream = ShardStream(train_shards, streams, batch_size=batch_size, train=True, shuffle_buffer=data.shuffle_buffer,
-                         seed=ft.seed, resampled=data.resampled)
+                         seed=ft.seed, resampled=data.resampled, label_reader=label_reader)
     loader = Loader(stream, data.num_workers, device=context.device)
 
     def batches(epoch: int, start: int):

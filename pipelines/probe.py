@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from polymae.shared.masking import build_masker
+from polymae.shared.modality import label_of
 from polymae.shared.model import readout_tokens
 from polymae.shared.trainer import pick_device
 
@@ -23,13 +24,14 @@ from .stream import Loader, ShardStream
 
 @torch.no_grad()
 def extract(parts: RunParts, shards: list[str], model: torch.nn.Module | None, max_samples: int,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+            device: torch.device, label_reader=label_of) -> tuple[np.ndarray, np.ndarray, int]:
     """(features, labels, records skipped as bad) for a labelled split; `model=None` gives the
-    raw token values (or bags of words)."""
+    raw token values (or bags of words). `label_reader`: a record -> its label (its `cls` class)."""
     data = parts.config.data
     nothing_hidden = build_masker("random", 0.0)
     stream = ShardStream(shards, [spec._replace(masker=nothing_hidden) for spec in parts.streams],
-                         batch_size=data.batch_size, train=False, seed=data.seed, split_by_rank=False)
+                         batch_size=data.batch_size, train=False, seed=data.seed, split_by_rank=False,
+                         label_reader=label_reader)
     features, labels, skipped = [], [], 0
     if model is not None:
         model.eval().to(device)

@@ -56,7 +56,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter
-from typing import Generator, Iterator, NamedTuple
+from typing import Any, Callable, Generator, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -218,7 +218,8 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], streams: list[StreamSpec], batch_size: int, train: bool = True,
                  shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0,
                  batches_per_epoch: int | None = None, split_by_rank: bool = True,
-                 visible_budget: int | None = None, budget_alpha: float = 1.0):
+                 visible_budget: int | None = None, budget_alpha: float = 1.0,
+                 label_reader: Callable[[dict], Any] = label_of):
         super().__init__()
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
@@ -229,6 +230,7 @@ class ShardStream(IterableDataset):
         self.shards = [str(shard) for shard in shards]
         self.streams, self.batch_size = list(streams), batch_size
         self.visible_budget, self.budget_alpha = visible_budget, budget_alpha
+        self.label_reader = label_reader  # a record -> its label (Batch.labels): its `cls` class by default
         self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
         self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
         # shared with the DataLoader's workers, which keep running from one epoch to the next
@@ -355,7 +357,7 @@ class ShardStream(IterableDataset):
         record is counted and left out at the stage that finds it. Masks are made per batch
         (`make_batch`), each record's generator carried there."""
         def decode(sample):
-            return sample, label_of(sample), self.decode(sample)
+            return sample, self.label_reader(sample), self.decode(sample)
 
         def tokenize(record):
             sample, label, _, generator, tokens = record

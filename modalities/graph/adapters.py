@@ -55,6 +55,8 @@ no_edges (only isolated nodes, where `require_edges`), bad_label (not an integer
 """
 from __future__ import annotations
 
+import json
+
 import csv
 import io
 import math
@@ -227,8 +229,10 @@ def molecule_graph(mol, source: str) -> dict:
             "edge_attr": one_hot_columns(data.edge_attr.view(-1, len(e_map)), [len(v) for v in e_map.values()])}
 
 
-def read_sdf(path: Path, label_field: str | None, classes: dict | None = None) -> Iterator[dict | BadInput]:
-    """Molecules of an SDF file (RDKit's SDMolSupplier), the label from property `label_field`."""
+def read_sdf(path: Path, label_field: str | None, classes: dict | None = None,
+             value_field: str | None = None) -> Iterator[dict | BadInput]:
+    """Molecules of an SDF file (RDKit's SDMolSupplier), the label from property `label_field`, and
+    the number in property `value_field` as the record's `value.json` (a regression target)."""
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")  # a bad molecule is reported as BadInput, once, not as RDKit's stderr lines
@@ -246,7 +250,10 @@ def read_sdf(path: Path, label_field: str | None, classes: dict | None = None) -
                     raise BadInput(where, f"has no property {label_field!r} (the label)", "bad_label")
                 raw = mol.GetProp(label_field).strip()
                 label = classes[raw] if classes and raw in classes else as_label(raw, where)
-            yield sample(f"{path.stem}_{index:06d}", where, molecule_graph(mol, where), label)
+            record = sample(f"{path.stem}_{index:06d}", where, molecule_graph(mol, where), label)
+            if value_field is not None and mol.HasProp(value_field):
+                record["value.json"] = json.dumps(float(mol.GetProp(value_field))).encode()
+            yield record
         except BadInput as error:
             yield error
 
@@ -456,7 +463,7 @@ def drosophila_samples(level: str, hops: int, max_nodes: int) -> Iterable[dict]:
 def solubility_samples() -> Iterable[dict | BadInput]:
     folder = fetched("solubility", fetch_solubility)
     for name in SOLUBILITY_FILES:
-        yield from read_sdf(folder / name, "SOL_classification", SOLUBILITY_CLASSES)
+        yield from read_sdf(folder / name, "SOL_classification", SOLUBILITY_CLASSES, value_field="SOL")
 
 
 def atlas_samples() -> Iterator[dict]:

@@ -177,7 +177,6 @@ class GraphMaskedAutoencoder(nn.Module):
         return Outputs({self.stream: {"pred": self.pad_back(pred, rows, b, n)}}, self.pad_back(codes, rows, b, n),
                        {depth: self.pad_back(t, rows, b, n) for depth, t in taps.items()})
 
-    @torch.no_grad()
     def node_embeddings(self, batch: Batch) -> Tensor:
         """[B, N, width] codes of every node with nothing hidden (padding rows zero)."""
         tokens = batch.streams[self.stream]

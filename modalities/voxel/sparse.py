@@ -267,7 +267,6 @@ class SparseMaskedAutoencoder(nn.Module):
             latent = gather_tokens(flat1, self.linear_index(visible_coords))  # scale-1 encodings of visible tokens
         return pred, latent
 
-    @torch.no_grad()
     def pooled_features(self, values: Tensor, coords: Tensor, valid: Tensor | None = None) -> Tensor:
         """One vector per sample: the mean scale-2 encoding with every patch visible (for probing)."""
         with torch.autocast(values.device.type, enabled=False):
