@@ -83,7 +83,7 @@ class VideoMAETablePosition(nn.Module):
 def hf_config_kwargs(modality, config: ModelConfig, **overrides) -> dict:
     o = modality.options
     if o.image_size[0] != o.image_size[1]:
-        raise ValueError(f"HF VideoMAE has square frames; this model's are {o.image_size}")
+        raise ConfigError(f"HF VideoMAE has square frames; this model's are {o.image_size}")
     d = config.decoder_width
     return {"image_size": o.image_size[0], "patch_size": o.patch_size, "num_channels": 3,
             "num_frames": o.num_frames, "tubelet_size": o.tubelet_size, "hidden_size": config.width,
@@ -182,19 +182,19 @@ def blocks_to_hf(ours: dict, src: str, dst: str, depth: int) -> dict[str, Tensor
 
 def only_stream(model: MaskedAutoencoder) -> str:
     if len(model.streams) != 1:
-        raise ValueError(f"HF VideoMAE has one video stream; this model has {model.streams}")
+        raise ConfigError(f"HF VideoMAE has one video stream; this model has {model.streams}")
     return model.streams[0]
 
 
 def check_exportable(model: MaskedAutoencoder, modality) -> None:
     s = only_stream(model)
     if getattr(model.encoder, "cls_token", None) is not None:
-        raise ValueError("HF VideoMAE has no [cls] token; this model was built with model.cls_token=true")
+        raise ConfigError("HF VideoMAE has no [cls] token; this model was built with model.cls_token=true")
     if modality.options.positions != "videomae":
-        raise ValueError("HF VideoMAE uses a fixed 1-D position table; this model was trained with 3-D sin-cos "
+        raise ConfigError("HF VideoMAE uses a fixed 1-D position table; this model was trained with 3-D sin-cos "
                          "positions and would change in export (train with modality_options.positions=videomae)")
     if model.decoders[s].embed.bias is not None:
-        raise ValueError("HF VideoMAE's encoder-to-decoder projection has no bias; this decoder's has one")
+        raise ConfigError("HF VideoMAE's encoder-to-decoder projection has no bias; this decoder's has one")
 
 
 def to_hf_videomae(model: MaskedAutoencoder, modality) -> dict[str, Tensor]:
