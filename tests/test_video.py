@@ -90,6 +90,17 @@ def audio_only() -> bytes:
     return buffer.getvalue()
 
 
+def zero_frames_avi() -> bytes:
+    """An AVI holding a video stream's header and not one frame."""
+    buffer = io.BytesIO()
+    container = av.open(buffer, "w", format="avi")
+    stream = container.add_stream("mpeg4", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    container.start_encoding()
+    container.close()
+    return buffer.getvalue()
+
+
 # -- tubelets ---------------------------------------------------------------------------------------
 
 def hf_videomae_patchify(frames: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
@@ -271,6 +282,7 @@ def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folde
         "truncated.mp4": (bbb[: len(bbb) // 2], "corrupt_video", "truncated"),
         "audio.mp4": (audio_only(), "no_video_stream", "no video stream"),
         "empty.mp4": (b"", "empty_video", "empty"),
+        "zero.avi": (zero_frames_avi(), "zero_frames", "zero frames"),
         "text.mkv": (b"not a video at all\n" * 20, "corrupt_video", "cannot open"),
     }
     for name, (data, kind, words) in cases.items():
