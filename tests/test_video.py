@@ -276,7 +276,7 @@ def test_the_decoder_reads_only_visible_and_decoded_tokens():
 
 # -- bad input --------------------------------------------------------------------------------------------
 
-def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folder, tmp_path, monkeypatch):
+def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folder, tmp_path, monkeypatch, caplog):
     bbb = (clips_folder / "bigbuckbunny.mp4").read_bytes()
     cases = {
         "truncated.mp4": (bbb[: len(bbb) // 2], "corrupt_video", "truncated"),
@@ -317,6 +317,14 @@ def test_bad_videos_are_rejected_with_reasons_naming_the_file(bikes, clips_folde
     padded = VideoModality(TINY).decode({"__key__": "short", "mp4": short})
     clip = VideoModality(TINY).untokenize(VideoModality(TINY).tokenize(padded, torch.Generator(), train=False))
     assert torch.equal(clip[-1], clip[-2])
+    # ... and a run says so and counts them before it trains (Modality.prepare, kept beside the shards)
+    (tmp_path / "prepared").mkdir()
+    records = [{"__key__": "short", "mp4": short}, {"__key__": "bikes", "mp4": bikes}]
+    with caplog.at_level("WARNING", logger="polymae.modalities.video.modality"):
+        VideoModality(TINY).prepare(tmp_path / "prepared", lambda: iter(records))
+    assert "1 of 2 train records are shorter than one clip of 8 frames at stride 3: padded" in caplog.text
+    assert json.loads((tmp_path / "prepared" / "video-short-records.json").read_text()) == {
+        "8 frames at stride 3": {"records": 2, "shorter_than_a_clip": 1}}
     skipping = VideoModality({**TINY, "short_video": "skip"})
     with pytest.raises(BadInput, match="5 frames are fewer than one clip") as caught:
         skipping.tokenize(skipping.decode({"__key__": "short", "mp4": short}), torch.Generator())

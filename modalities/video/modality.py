@@ -2,8 +2,10 @@
 on every frame -> tubelets; frame strips and GIFs of reconstructions."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -104,6 +106,42 @@ class VideoModality(Modality):
 
     def samples_per_record(self, sample):
         return self.options.clips_per_video
+
+    def prepare(self, shard_folder, records):
+        """Count the train records shorter than one clip and say what becomes of them (padded or
+        skipped), once per clip length: the counts are kept beside the shards in
+        `video-short-records.json`, so later runs (and probes) read them instead of reopening every video."""
+        o = self.options
+        clip = f"{o.num_frames} frames at " + (f"{o.target_fps:g} fps" if o.target_fps else f"stride {o.frame_stride}")
+        path = Path(shard_folder) / "video-short-records.json"
+        try:
+            known = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            known = {}
+        if clip not in known:
+            total = short = 0
+            for record in records():
+                try:
+                    video = self.decode(record)
+                except BadInput:
+                    continue  # counted where the stream skips it
+                total += 1
+                span = (o.num_frames - 1) * clip_step(video.fps, o.frame_stride, o.target_fps) + 1
+                short += (video.segment[1] - video.segment[0]) < span
+            known[clip] = {"records": total, "shorter_than_a_clip": short}
+            try:
+                temporary = path.with_name(f".{path.name}.tmp")
+                temporary.write_text(json.dumps(known, indent=1))
+                temporary.replace(path)
+            except OSError:  # a read-only shard folder: counted again next time
+                pass
+        counts = known[clip]
+        if counts["shorter_than_a_clip"]:
+            fate = ("padded by repeating their last frame (short_video: pad)" if o.short_video == "pad" else
+                    "skipped, counted as short_video (short_video: skip)")
+            log.warning("%d of %d train records are shorter than one clip of %s: %s",
+                        counts["shorter_than_a_clip"], counts["records"], clip, fate)
+        self.short_records = counts
 
     # -- tokenizer ------------------------------------------------------------
     def clip(self, video: adapters.OpenVideo, generator: torch.Generator, train: bool) -> torch.Tensor:
