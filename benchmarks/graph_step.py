@@ -33,8 +33,8 @@
    modality's `tokenize` with the recipe's options (node features, edges, edge
    features; no structural coords, which GNN encoders do not read),
    tokenized in groups of `PREPARE_GROUP` records, then each batch of 64 masked at once by
-   the `graphmae` masker (ratio 0.5, replace_rate 0.1, the molecules recipe's) and
-   `collate`d: the stages `ShardStream.prepare` and `make_batch` run, without the tar
+   the `graphmae` masker (ratio 0.5, replace_rate 0.1, the molecules recipe's), its masks
+   written stacked (`Masker.stacked`), and `collate`d: the stages `ShardStream.prepare` and `make_batch` run, without the tar
    reading and decoding. The reference:
    `torch_geometric.loader.DataLoader` (batch 64, num_workers=0, no shuffle) over
    the same graphs as `Data(x, edge_index, edge_attr)`: it batches only, it does
@@ -265,7 +265,7 @@ def solubility_graphs():
 def polymae_batches(modality, masker, payloads, batch_size: int, epoch: int, seconds: dict | None = None) -> list:
     """polymae's stages on in-memory graphs as ShardStream.prepare and make_batch run them: records
     tokenized PREPARE_GROUP at a time (`tokenize_many`), each with its own generator; each batch's
-    records then masked at once (`Masker.many`) and `collate`d."""
+    records then masked at once, stacked (`Masker.stacked`), and `collate`d."""
     from polymae.pipelines.stream import PREPARE_GROUP
     from polymae.shared.tokens import collate
 
@@ -281,10 +281,10 @@ def polymae_batches(modality, masker, payloads, batch_size: int, epoch: int, sec
             tokens += modality.tokenize_many(group, group_generators)
             generators += group_generators
         t1 = time.perf_counter()
-        masks = masker.many(tokens, generators)
+        stacked = masker.stacked(tokens, generators)  # make_batch's path for one stream
         t2 = time.perf_counter()
-        batches.append(collate([({"graph": t}, {"graph": m}, None, str(first + i))
-                                for i, (t, m) in enumerate(zip(tokens, masks))]))
+        batches.append(collate([({"graph": t}, None, None, str(first + i)) for i, t in enumerate(tokens)],
+                               mask=stacked))
         t3 = time.perf_counter()
         for key, value in (("tokenize", t1 - t0), ("mask", t2 - t1), ("collate", t3 - t2)):
             seconds[key] = seconds.get(key, 0.0) + value

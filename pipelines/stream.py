@@ -402,12 +402,18 @@ class ShardStream(IterableDataset):
     def make_batch(self, items: list[tuple], skipped: Counter) -> Batch:
         """The prepared records masked, all at once as I-JEPA masks in its collate function (one
         `Masker.many` per stream: a molecule's mask alone is a few tiny ops, where each op's fixed
-        cost was the whole cost), then `collate`d."""
+        cost was the whole cost; a one-stream batch's masker may give them stacked already,
+        `Masker.stacked`), then `collate`d."""
         start = time.perf_counter()
-        masks = self.mask_group([tokens for tokens, _, _, _ in items], [generator for _, generator, _, _ in items])
+        tokens, generators = [t for t, _, _, _ in items], [g for _, g, _, _ in items]
+        stacked = None
+        if len(self.streams) == 1 and self.visible_budget is None:
+            spec = self.streams[0]
+            stacked = spec.masker.stacked([t[spec.name] for t in tokens], generators)
+        masks = self.mask_group(tokens, generators) if stacked is None else [None] * len(items)
         after_mask = time.perf_counter()
-        batch = collate([(tokens, mask, label, key) for (tokens, _, label, key), mask in zip(items, masks)],
-                        skipped, self.allocate)
+        batch = collate([(t, mask, label, key) for (t, _, label, key), mask in zip(items, masks)],
+                        skipped, self.allocate, mask=stacked)
         self.stage_seconds.update(mask=after_mask - start, collate=time.perf_counter() - after_mask)
         skipped.clear()
         return batch

@@ -52,8 +52,33 @@ class Masker:
         counts = num_hidden if num_hidden is not None else [None] * len(tokens)
         return [self(t, g, c) for t, g, c in zip(tokens, generators, counts)]
 
+    def stacked(self, tokens: list[Tokens], generators: list[torch.Generator],
+                num_hidden: list[int] | None = None) -> Mask | None:
+        """A one-stream batch's masks already stacked as `collate` stacks the records' own
+        ([B, N_max]: padding never hidden, entering as itself, at its own index), or None: the
+        stream then stacks what `many` makes. A masker that draws a batch at once overrides it
+        to write the stacked arrays directly instead of a mask per record."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"
+
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Uniform float64s in [0, 1), one per (seed, counter) pair (uint64 arrays): the splitmix64 hash
+    of the pair, counter-based as Random123 and JAX draw. A batch masker draws every record's
+    numbers in one vectorised pass, each still a function of its record's own seed (its
+    generator's `initial_seed()`, which the data stream sets per sample and epoch) and nothing
+    else; one torch generator call per record cost more than the rest of a molecule's mask."""
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the hash
+        z = seeds + (counters + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2 ** 53)
 
 
 def grid_2d(tokens: Tokens, masker: str) -> tuple[int, int]:

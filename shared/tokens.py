@@ -325,13 +325,16 @@ def joint_mask(masks: list[Mask], lengths: list[int], padded: list[int]) -> Mask
                 substitute=torch.cat(substitute) if any_substitute else None)
 
 
-def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], skipped: dict[str, int] | None = None,
-            allocate: Callable[[int], Tensor] | None = None) -> Batch:
+def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask] | None, Any, str]],
+            skipped: dict[str, int] | None = None, allocate: Callable[[int], Tensor] | None = None,
+            mask: Mask | None = None) -> Batch:
     """Per-sample (streams, stream masks, label, key) -> one Batch, in one block (`stack_batch`).
 
     Each stream's per-token tensors are padded to the batch's longest with `valid` False
     (stacked as they are when every sample has the same count), its edges concatenated
     with offsets into the padded layout; the stream masks join into one Mask (`joint_mask`).
+    `mask`: a one-stream batch's Mask already stacked so (`Masker.stacked`); the items then
+    carry None for their masks.
     """
     keys = [key for _, _, _, key in items]
     names = list(items[0][0])
@@ -361,7 +364,14 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], sk
                                         for t in per_sample]
         for part in first.fields:
             columns[f"{name}/fields/{part}"] = [t.fields[part] for t in per_sample]
-    if len(names) == 1:
+    if mask is not None:  # stacked by its masker: copied into the block as it is
+        if len(names) != 1:
+            raise ValueError(f"a stacked mask covers one stream; this batch has {names}")
+        for part in ("hidden", "ids_shuffle", "ids_restore", "decode", "substitute"):
+            if getattr(mask, part) is not None:
+                columns[f"mask/{part}"] = getattr(mask, part)
+        visible = [mask.num_visible]
+    elif len(names) == 1:
         # one stream: its masks padded in the block are what joint_mask would give (the padding
         # neither hidden nor decoded, entering as itself, and last in ids_shuffle: at its own index)
         masks = [m[names[0]] for _, m, _, _ in items]
@@ -380,7 +390,8 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], sk
         for part in ("hidden", "ids_shuffle", "ids_restore", "decode", "substitute"):
             if getattr(masks[0], part) is not None:
                 columns[f"mask/{part}"] = [getattr(m, part) for m in masks]
-    visible = [m.num_visible for m in masks]
+    if mask is None:
+        visible = [m.num_visible for m in masks]
     labels = [lab for _, _, lab, _ in items]
     if all(lab is not None for lab in labels):
         columns["labels"] = [torch.as_tensor(lab) for lab in labels]
@@ -394,7 +405,7 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask], Any, str]], sk
                                coords=out[f"{name}/coords"], valid=out.get(f"{name}/valid"), grid=first.grid,
                                fields={part: out[f"{name}/fields/{part}"] for part in first.fields},
                                edges=edges, edge_fields=edge_fields)
-    keep_valid = None
+    keep_valid = None if mask is None else mask.keep_valid
     if len(set(visible)) > 1:
         keep_valid = torch.arange(max(visible))[None, :] < torch.tensor(visible)[:, None]
     mask = Mask(hidden=out["mask/hidden"], ids_shuffle=out["mask/ids_shuffle"], ids_restore=out["mask/ids_restore"],

@@ -287,6 +287,14 @@ def test_a_molecules_mask_depends_on_its_own_generator_only_not_on_the_batch_it_
     with pytest.raises(ValueError, match="cannot hide 99 of"):
         masker.many(tokens[:2], generators(range(2)), [1, 99])
 
+    # the data stream takes a one-stream batch's masks stacked at once: exactly what collate stacks of them
+    items = [({"graph": t}, {"graph": m}, None, str(i)) for i, (t, m) in enumerate(zip(tokens, alone))]
+    own = collate(items).mask
+    stacked = collate([(s, None, None, k) for s, _, _, k in items], mask=masker.stacked(tokens, generators(range(40))))
+    for part in ("hidden", "ids_shuffle", "ids_restore", "substitute", "keep_valid"):
+        assert torch.equal(getattr(stacked.mask, part), getattr(own, part)), part
+    assert stacked.mask.num_visible == own.num_visible
+
 
 def test_a_padded_batch_reads_exactly_as_torch_geometric_batches_the_same_graphs(molecules):
     from torch_geometric.data import Batch as PygBatch, Data
