@@ -427,7 +427,10 @@ def confusion_picture(outputs: np.ndarray, targets: np.ndarray, path: Path) -> N
 
 class FinetuneTrainer(Trainer):
     """The shared Trainer with layer-wise lr scales, SGD for the linear probe, an optional EMA of
-    the weights, and a held-out evaluation every `eval_every` steps and at the end."""
+    the weights, and a held-out evaluation every `eval_every` steps and at the end. A resumed
+    run continues its weights, optimiser and data order bitwise as pretraining does; the EMA
+    is not checkpointed and restarts from the resumed weights, and best/last cover the
+    evaluations since the resume."""
 
     def __init__(self, module: Finetuning, config, run_dir: Path, ft: FinetuneConfig, evaluate, **kwargs):
         super().__init__(module, config, run_dir, **kwargs)
@@ -566,6 +569,8 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     summary = trainer.fit(batches)
     if not context.is_main:
         return summary
+    if not trainer.evaluations:  # a finished run resumed: nothing trained, score what it holds
+        trainer.evaluations.append({"step": trainer.step, **evaluate(module)[0]})
     headline = HEADLINE[ft.task]
     best = None
     for record in trainer.evaluations:

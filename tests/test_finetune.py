@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from polymae.pipelines.finetune import (FinetuneConfig, Finetuning, cutmix_box, finetune, finetune_recipe,
-                                        layer_decay_groups, task_head)
+                                        layer_decay_groups, resumed_finetune_recipe, task_head)
 from polymae.pipelines.pretrain import pretrain
 from polymae.shared.checkpoint import checkpoint_dirs
 from polymae.shared.config import load_config
@@ -63,6 +63,9 @@ def test_the_from_scratch_baseline_starts_from_random_weights_on_the_same_budget
     assert config.model.init_from is None and config.name == "digits_mae_scratch" and ft.steps == 30
     summary = finetune(config, ft)
     assert summary["steps"] == 30 and summary["start"] is None
+    run_dir = tmp_path / "digits_mae_scratch"  # resumed when finished: nothing to train, its weights scored again
+    again = finetune(*resumed_finetune_recipe(run_dir), resume=run_dir)
+    assert again["steps"] == 30 and again["last"]["top1"] == pytest.approx(summary["last"]["top1"])
 
 
 def test_linear_probe_mode_trains_only_a_batchnorm_and_linear_head(pretrained, tmp_path):
