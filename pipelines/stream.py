@@ -333,7 +333,7 @@ class ShardStream(IterableDataset):
 
     def mask_group(self, tokens: list[dict[str, Tokens]], generators: list[torch.Generator]) -> list[dict[str, Mask]]:
         """Each record's mask per stream, at its masker's ratio or its share of the visible budget:
-        one `Masker.many` call per stream for the group. Each record's generator serves the
+        one `Masker.many` call per stream for the batch. Each record's generator serves the
         budget split, then its streams in the streams' order, as it would alone."""
         counts: dict[str, list[int] | None] = {spec.name: None for spec in self.streams}
         if self.visible_budget is not None:
