@@ -9,6 +9,10 @@ drawn uniformly from all its nodes (GraphMAE's "random-substitution" share, whic
 the encoder from learning that an all-mask-token input marks a target); the others
 enter as the learnable mask token (Mask.substitute: AS_MASK_TOKEN, or the index of the
 node whose features they take). Every hidden node is a reconstruction target.
+
+The masker reads its generator's seed (`initial_seed()`) and draws nothing from it: a
+graph's mask is a function of that seed, which the data stream sets per sample and epoch.
+Two calls with one generator give the same mask; seed a generator per sample for others.
 """
 from __future__ import annotations
 
