@@ -14,8 +14,8 @@ head reads `model.features(batch)`, the one vector per sample probes read too:
   cutmix mix the batch with its reverse (timm's pairing) and their soft targets;
 - multilabel: one sigmoid per label, BCE, mean AUC (labels: a JSON list of 0/1);
 - regression: one output, mean squared error, RMSE (labels: a JSON number).
-  A graph's node-level samples are subgraphs around a seed whose readout is the
-  seed node, so per-node classification is classification of those samples.
+  A sample that is about some of its tokens (a stream's `readout` field, such as the seed
+  of a subgraph cut around it) is pooled over those, so a per-node task is classification.
 
 MAE's recipe is the default: AdamW (0.9, 0.999), layer-wise lr decay (a block's
 lr is `layer_decay ** (depth + 1 - its layer)` times the head's), stochastic
@@ -82,7 +82,7 @@ class FinetuneConfig:
     head_norm: str = "batch"          # batch | layer | none: the pooled features' normalisation before the head.
     #                                   MAE fine-tunes after a LayerNorm (layer); pooled features of a small
     #                                   encoder share a large per-dimension offset across samples that a
-    #                                   LayerNorm keeps and a BatchNorm removes: on the digits a head after a
+    #                                   LayerNorm keeps and a BatchNorm removes: on 8x8 images a head after a
     #                                   LayerNorm sat at chance for 70 steps, after a BatchNorm it learnt at once
     mixup: float = 0.0                # Beta(alpha, alpha) mixing weight of mixup (MAE: 0.8); 0 = off
     cutmix: float = 0.0               # Beta(alpha, alpha) of cutmix on the token grid (MAE: 1.0); 0 = off

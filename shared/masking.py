@@ -47,7 +47,7 @@ class Masker:
              num_hidden: list[int] | None = None) -> list[Mask]:
         """One mask per record of a group, each drawn from its own record's generator, exactly as
         `__call__` makes them one at a time (the data stream masks a whole batch at once).
-        A masker whose per-record work is a few tiny ops (a molecule's tens of nodes, where each
+        A masker whose per-record work is a few tiny ops (samples of tens of tokens, where each
         op's fixed cost is the whole cost) overrides it to work on the group at once."""
         counts = num_hidden if num_hidden is not None else [None] * len(tokens)
         return [self(t, g, c) for t, g, c in zip(tokens, generators, counts)]
@@ -72,7 +72,7 @@ def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     of the pair, counter-based as Random123 and JAX draw. A batch masker draws every record's
     numbers in one vectorised pass, each still a function of its record's own seed (its
     generator's `initial_seed()`, which the data stream sets per sample and epoch) and nothing
-    else; one torch generator call per record cost more than the rest of a molecule's mask."""
+    else; one torch generator call per record cost more than the rest of a small sample's mask."""
     with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the hash
         z = seeds + (counters + np.uint64(1)) * _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _MIX1
