@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 import braceexpand
 from webdataset import TarWriter
 
-from polymae.shared.errors import BadInput
+from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
 from polymae.shared.sources import name_bytes
 
@@ -266,18 +266,30 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
 # -- finding shards --------------------------------------------------------------------------------
 
 
+def read_manifest(path: Path) -> list[dict]:
+    """A manifest's shard entries ({name, count, ...}); a file that is not one is a one-line error."""
+    try:
+        shards = json.loads(path.read_text())["shards"]
+        if not all(isinstance(shard, dict) and "name" in shard for shard in shards):
+            raise TypeError
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a shard manifest (JSON with a 'shards' list of {{name, count}}); "
+                          "re-shard the source, or remove it to read the folder's *.tar") from None
+    return shards
+
+
 def shards_in_folder(folder: Path, prefix: str | None) -> list[str]:
     """A folder's shards: those its manifest lists, else its `{prefix}-*.tar` (or all `*.tar`), sorted."""
     manifests = sorted(folder.glob(manifest_name(prefix) if prefix else manifest_name("*")))
     if prefix is None and len(manifests) > 1:
         splits = [path.name[: -len("-manifest.json")] for path in manifests]
-        raise ValueError(f"{folder} holds several splits ({', '.join(splits)}): pass prefix=..., or address "
+        raise ConfigError(f"{folder} holds several splits ({', '.join(splits)}): pass prefix=..., or address "
                          f"one as the glob '{folder}/{splits[0]}-*.tar'")
     if manifests:
-        listed = [str(folder / shard["name"]) for shard in json.loads(manifests[0].read_text())["shards"]]
+        listed = [str(folder / shard["name"]) for shard in read_manifest(manifests[0])]
         missing = [path for path in listed if not Path(path).is_file()]
         if missing:
-            raise ValueError(f"{manifests[0]} lists shards that are not there: {', '.join(missing[:3])}"
+            raise ConfigError(f"{manifests[0]} lists shards that are not there: {', '.join(missing[:3])}"
                              f"{' ...' if len(missing) > 3 else ''}; re-shard the source")
         return listed
     return sorted(str(path) for path in folder.glob(f"{prefix}-*.tar" if prefix else "*.tar"))
@@ -289,7 +301,7 @@ def manifest_counts(shards: list[str]) -> int | None:
     counts: dict[str, int] = {}
     for folder in {Path(shard).parent for shard in shards if not URL_SCHEME.match(shard)}:
         for manifest in folder.glob(manifest_name("*")):
-            for shard in json.loads(manifest.read_text())["shards"]:
+            for shard in read_manifest(manifest):
                 counts[str(folder / shard["name"])] = shard["count"]
     if any(shard not in counts for shard in shards):
         return None
@@ -301,7 +313,7 @@ def resolve_local(pattern: str) -> list[str]:
     if GLOB_CHARACTERS.search(pattern):
         return sorted(glob.glob(pattern))
     if not Path(pattern).is_file():
-        raise ValueError(f"shard {pattern} does not exist")
+        raise ConfigError(f"shard {pattern} does not exist")
     return [pattern]
 
 
@@ -318,20 +330,20 @@ def resolve_shards(spec: str | Path | Iterable[str | Path], prefix: str | None =
     if not isinstance(spec, (str, Path)):
         shards = [shard for part in spec for shard in resolve_shards(part)]
         if not shards:
-            raise ValueError("the shard list is empty")
+            raise ConfigError("the shard list is empty")
         return shards
     spec = str(spec)
     if Path(spec).is_dir():
         shards = shards_in_folder(Path(spec), prefix)
         if not shards:
-            raise ValueError(f"folder {spec} holds no {prefix + '-' if prefix else ''}*.tar shards; "
+            raise ConfigError(f"folder {spec} holds no {prefix + '-' if prefix else ''}*.tar shards; "
                              "write some with `polymae shard` (or pipelines.shards.shard_source)")
         return shards
     if prefix is not None:
-        raise ValueError(f"prefix={prefix!r} selects a split of a folder, but {spec!r} is not a folder")
+        raise ConfigError(f"prefix={prefix!r} selects a split of a folder, but {spec!r} is not a folder")
     if URL_SCHEME.match(spec):
         return list(braceexpand.braceexpand(spec))
     shards = [shard for pattern in braceexpand.braceexpand(spec) for shard in resolve_local(pattern)]
     if not shards:
-        raise ValueError(f"no shards match {spec!r}")
+        raise ConfigError(f"no shards match {spec!r}")
     return shards

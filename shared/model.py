@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .kernels import KERNELS, linear, self_attention
-from .position import build_position
+from .position import POSITIONS, build_position
 from .registry import DECODERS, ENCODERS, MODEL_SIZES
 from .tokens import AS_MASK_TOKEN, Batch, Tokens
 
@@ -61,6 +61,8 @@ class ModelConfig:
     #                                 (off in pretraining as MAE's; its fine-tuning uses 0.1)
 
     def __post_init__(self):
+        if self.position not in POSITIONS:
+            raise ConfigError(f"model.position must be one of {', '.join(POSITIONS)}; got {self.position!r}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"model.drop_path must be in [0, 1); got {self.drop_path}")
         if self.size not in MODEL_SIZES:

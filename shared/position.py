@@ -89,6 +89,9 @@ class MLPPosition(nn.Module):
         return self.net(coords)
 
 
+POSITIONS = ("sincos", "learned", "mlp")  # what build_position builds (model.position)
+
+
 def build_position(kind: str, width: int, num_coords: int, grid: tuple[int, ...] | None = None) -> nn.Module:
     if kind == "sincos":
         return SinCosPosition(width, num_coords)
@@ -98,4 +101,4 @@ def build_position(kind: str, width: int, num_coords: int, grid: tuple[int, ...]
         return LearnedPosition(width, grid)
     if kind == "mlp":
         return MLPPosition(width, num_coords)
-    raise ValueError(f"unknown position encoding {kind!r}; one of sincos, learned, mlp")
+    raise ValueError(f"unknown position encoding {kind!r}; one of {', '.join(POSITIONS)}")

@@ -440,3 +440,33 @@ def test_a_bad_value_is_one_line_exit_2(tmp_path, override):
     error = one_line_error(result)
     assert override.split("=")[0] in error
     assert not (tmp_path / "digits_mae").exists()
+
+
+# -- 6. bad shard paths and manifests: one line, exit 2 -------------------------------------------------
+
+
+def test_bad_shard_paths_and_manifests_and_position_names_are_one_line_errors(digits_shards, tmp_path, capsys):
+    """Through the CLI's entry point in this process: a missing shard, a brace pattern matching
+    nothing, an empty folder, a manifest that is not JSON, one naming a missing shard, and an
+    unknown position encoding each print one line and exit 2 (they were ValueError tracebacks)."""
+    from polymae.pipelines.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_shards, broken)
+    (broken / "train-manifest.json").write_text("not json {")
+    gone = tmp_path / "gone"
+    shutil.copytree(digits_shards, gone)
+    next(gone.glob("train-*.tar")).unlink()
+    cases = {f"data.shards={tmp_path / 'missing.tar'}": "does not exist",
+             f"data.shards={tmp_path}/nothing-{{0..3}}.tar": "does not exist",
+             f"data.shards={empty}": "holds no train-*.tar shards",
+             f"data.shards={broken}": "is not a shard manifest",
+             f"data.shards={gone}": "lists shards that are not there",
+             "model.position=nosuch": "model.position must be one of sincos, learned, mlp"}
+    for override, message in cases.items():
+        code = main(["pretrain", override, "data.source=null", f"out_dir={tmp_path / 'runs'}", "trainer.max_steps=1",
+                     "probe.enabled=false"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (override, err)
