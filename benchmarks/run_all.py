@@ -302,8 +302,9 @@ def graph_step_section(r: dict) -> list[str]:
                 f"{k} {1e3 * v:.2f} ms" for k, v in s["framework_s"].items()) + ".", "",
             f"2. {b['molecules']} solubility molecules ({b['atoms']} atoms), decoded once into memory, batch "
             f"{b['batch']}, one process, {b['rounds']} rounds of both back to back (median): polymae runs what "
-            f"ShardStream.prepare and make_batch run (a generator per molecule, the graph modality's `tokenize`, with "
-            f"the recipe's options (no structural coords), the `graphmae` masker at 0.5 / replace_rate 0.1, `collate`); "
+            f"ShardStream.prepare and make_batch run (a generator per molecule and the graph modality's `tokenize` in "
+            f"groups of 8, with the recipe's options (no structural coords); then per batch the `graphmae` masker at 0.5 "
+            f"/ replace_rate 0.1 writing the masks stacked, `Masker.stacked`, and `collate`); "
             f"`torch_geometric.loader.DataLoader` (num_workers=0) over the same graphs as `Data(x, edge_index, "
             f"edge_attr)` batches only: it does not mask, so the ratio without polymae's masking stage is beside it. "
             f"Same graphs in both: {'yes' if b['same_graphs'] else 'NO'}.", "",
