@@ -55,7 +55,7 @@ from polymae.shared.modality import label_of
 from polymae.shared.trainer import Trainer, make_adamw, no_weight_decay, warmup_cosine
 
 from .probe import extract
-from .runs import RunLock, RunParts, build_parts, claim_new_run_dir, split_shards, stream_modalities
+from .runs import RunLock, RunParts, build_parts, run_folder, split_shards, stream_modalities
 from .stream import Loader, ShardStream, read_shard
 
 TASKS = ("classification", "multilabel", "regression")
@@ -547,14 +547,7 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     trainer_config = replace(config.trainer, max_steps=ft.steps, max_minutes=None, lr=ft.lr, min_lr=ft.min_lr,
                              warmup_steps=ft.warmup_steps, weight_decay=ft.weight_decay, betas=ft.betas,
                              ckpt_every=min(config.trainer.ckpt_every, ft.steps), seed=ft.seed)
-    if resume:
-        run_dir = Path(resume)
-    else:
-        claimed = None
-        if context.is_main:
-            claimed = claim_new_run_dir(config.out_dir, config.name)
-            held.enter_context(RunLock(claimed))
-        run_dir = Path(distributed.all_gather_objects(str(claimed))[0])
+    run_dir = run_folder(config, context, resume, held)
     trainer = FinetuneTrainer(module, trainer_config, run_dir, ft, evaluate, config_text=dump_config(config),
                               context=context)
     if resume and not trainer.resume():

@@ -15,7 +15,7 @@ from polymae.shared.errors import ConfigError
 from polymae.shared.trainer import Trainer
 
 from .probe import format_heldout, format_probe, heldout_losses, probe
-from .runs import (CONFIG_FILE, RunLock, build_parts, check_resume, claim_new_run_dir, draw_streams, load_run,
+from .runs import (CONFIG_FILE, RunLock, build_parts, check_resume, draw_streams, load_run, run_folder,
                    prepare_modalities, record_changes, split_shards, stream_modalities)
 from .shards import manifest_counts
 from .stream import Loader, ShardStream
@@ -72,14 +72,7 @@ def train_in_run_folder(config: Config, context: distributed.DistributedContext,
     if not context.is_main:
         train_shards, val_shards = split_shards(config, modalities)
     parts = build_parts(config, start_weights=resume is None, modalities=modalities)  # resumed: its own weights
-    if resume:
-        run_dir = Path(resume)
-    else:
-        claimed = None
-        if context.is_main:
-            claimed = claim_new_run_dir(config.out_dir, config.name)
-            held.enter_context(RunLock(claimed))
-        run_dir = Path(distributed.all_gather_objects(str(claimed))[0])
+    run_dir = run_folder(config, context, resume, held)
     data = config.data
     stream = ShardStream(train_shards, parts.streams, batch_size=data.batch_size, train=True,
                          shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,

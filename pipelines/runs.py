@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import polymae.modalities  # noqa: F401  (registers the modalities)
+from polymae.shared import distributed
 from polymae.shared.checkpoint import load_weights, process_is_running, resolve_checkpoint
 from polymae.shared.config import Config, build, load_config, merge, read_recipe, resume_changes
 from polymae.shared.errors import ConfigError, RunFolderInUse
@@ -99,6 +100,18 @@ def claim_new_run_dir(out_dir: str | Path, name: str) -> Path:
         except FileExistsError:
             n += 1
             candidate = root / f"{name}-{n}"
+
+
+def run_folder(config: Config, context, resume: Path | None, held) -> Path:
+    """The run's folder: a resumed run's own, or a new one rank 0 claims and locks (held in `held`, an
+    ExitStack, to the end of the run) and every rank learns."""
+    if resume:
+        return Path(resume)
+    claimed = None
+    if context.is_main:
+        claimed = claim_new_run_dir(config.out_dir, config.name)
+        held.enter_context(RunLock(claimed))
+    return Path(distributed.all_gather_objects(str(claimed))[0])
 
 
 CONFIG_FILE = "config.yaml"            # the recipe the run started with; never rewritten

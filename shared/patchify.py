@@ -3,10 +3,9 @@
 A grid [C, X, Y, Z] with patches of px x py x pz becomes gx*gy*gz tokens (gx = X / px,
 ...) of px*py*pz*C values each. Tokens are ordered over the patch grid with x slowest and
 z fastest; values inside a patch (dx, dy, dz, channel) with the channel fastest: the 3-D
-analogue of MAE's (row, col) / (dy, dx, channel) image layout. A video clip read as
-[C, T, H, W] with patches (tubelet, p, p) is exactly VideoMAE's (and Hugging Face
-VideoMAE's) tubelet layout: tokens (t, row, col), values (dt, dy, dx, channel).
-coords are the (x, y, z) patch indices in token order.
+analogue of MAE's (row, col) / (dy, dx, channel) image layout. A grid whose first axis
+is time ([C, T, H, W], patches (dt, p, p)) gets tokens (t, row, col) and values
+(dt, dy, dx, channel). coords are the (x, y, z) patch indices in token order.
 """
 from __future__ import annotations
 
