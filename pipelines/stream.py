@@ -64,18 +64,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
-from polymae.shared.errors import BadInput
+from polymae.shared.errors import BadInput, no_usable_records
 from polymae.shared.masking import Masker, split_visible_budget
 from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
 from .shards import stable_hash
-from .transport import BatchRing, RingFeed
+from .transport import BatchRing, RingFeed, WorkerStopped
 
 log = logging.getLogger(__name__)
 
-MISSING_SHARD, BAD_SHARD, DECODE_ERROR = "missing_shard", "bad_shard", "decode_error"
+MISSING_SHARD, BAD_SHARD, EMPTY_SHARD, DECODE_ERROR = "missing_shard", "bad_shard", "empty_shard", "decode_error"
 LOGGED_KINDS: set[str] = set()  # the kinds of bad record this process has logged one example of
 PREPARE_GROUP = 8  # records decoded and tokenized stage by stage (bounded: 8 decoded photos in memory)
 
@@ -238,6 +238,7 @@ class ShardStream(IterableDataset):
         self.shared_epoch = multiprocessing.Value("i", epoch, lock=False)
         self.split_by_rank = split_by_rank
         self.stage_seconds: Counter = Counter()
+        self.records_read = self.usable_records = 0  # in the current pass, in this process
         self.allocate = None  # where batches are stacked: the Loader gives each worker its ring (transport.py)
 
     @property
@@ -269,6 +270,7 @@ class ShardStream(IterableDataset):
             for sample in read_shard(url):
                 if draw is not None:
                     sample["__draw__"] = draw
+                self.records_read += 1
                 yield sample
             return True
         except BadInput as error:
@@ -283,14 +285,31 @@ class ShardStream(IterableDataset):
                 yield from self.shard_records(url, skipped, repeat or None)
             return
         rng = random.Random(stable_hash("resample", self.seed, self.epoch, *position))
-        readable = list(self.shards)
+        readable, drawn = list(self.shards), set()
+        covered_at = None  # records read when every readable shard had been read once
+        # records that may still wait in the shuffle buffer or a group, not yet prepared
+        in_flight = self.shuffle_buffer + PREPARE_GROUP + self.batch_size
         for draw in itertools.count():
             url = rng.choice(readable)
-            if not (yield from self.shard_records(url, skipped, draw)):
+            before = self.records_read
+            readable_shard = yield from self.shard_records(url, skipped, draw)
+            if not readable_shard or self.records_read == before:
+                if readable_shard:  # a tar with no record: drawing it again gives nothing again
+                    skipped[EMPTY_SHARD] += 1
                 readable.remove(url)  # counted once; drawing it again would only count it again
+                drawn.discard(url)
                 if not readable:
-                    raise ValueError(f"none of the {len(self.shards)} shards can be read ({dict(skipped)}); "
-                                     f"first: {self.shards[0]}")
+                    raise no_usable_records(f"drawing each of the {len(self.shards)} shards (first: "
+                                            f"{self.shards[0]})", self.usable_records, skipped)
+            else:
+                drawn.add(url)
+            if covered_at is None and len(drawn) == len(readable):
+                covered_at = self.records_read
+            # an endless stream never ends an epoch, where the trainer would see that nothing was usable:
+            # every shard read once and all of it through decoding, and still nothing, is the same news
+            if covered_at is not None and self.usable_records == 0 and self.records_read - covered_at > in_flight:
+                raise no_usable_records(f"reading every one of the {len(readable)} readable shards at least once "
+                                        f"({self.records_read} records)", 0, skipped)
 
     # -- samples ---------------------------------------------------------------
     def clips_of(self, records: Iterator[dict]) -> Iterator[dict]:
@@ -455,6 +474,7 @@ class ShardStream(IterableDataset):
             prepared = self.prepare(group, counter)
             group.clear()
             usable += len(prepared)
+            self.usable_records += len(prepared)
             items.extend(prepared)
             if len(items) == self.batch_size:  # bad records leave it short: read on
                 yield self.make_batch(items, skipped)
@@ -465,6 +485,7 @@ class ShardStream(IterableDataset):
         if group:  # the last records of the pass, short of a group
             prepared = self.prepare(group, counter)
             usable += len(prepared)
+            self.usable_records += len(prepared)
             items.extend(prepared)
         return usable, made
 
@@ -482,6 +503,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         position = stream_position(self.split_by_rank)
+        self.records_read = self.usable_records = 0  # this pass's, in this process
         quota = self.worker_quota(position)
         skipped: Counter = Counter()  # since the previous batch; records() and prepare() add to it
         if quota is None:  # one pass: every readable sample once, the last batch partial
@@ -497,8 +519,8 @@ class ShardStream(IterableDataset):
         if produced < quota:  # this worker's own shards are all unreadable: use the rank's others
             produced += yield from self.fill_quota(position, skipped, quota - produced, whole_rank=True)
         if produced < quota:
-            raise ValueError(f"rank {position.rank}: its shards hold no usable records ({dict(skipped)}), "
-                             f"so it cannot fill its {quota} batches per epoch")
+            raise no_usable_records(f"rank {position.rank}, worker {position.worker} cannot fill its {quota} "
+                                    f"batches per epoch: a whole pass over its rank's shards", 0, skipped)
 
 
 def single_threaded_worker(worker_id: int) -> None:
@@ -539,6 +561,8 @@ class Loader:
             release_free_memory()
             self.workers_started = True
         for message in self.loader:
+            if isinstance(message, WorkerStopped):  # the run's end, as one line, not a worker's traceback
+                raise message.error
             batch, slot = self.ring.unpack(message) if self.ring is not None else (message, None)
             if self.device is not None:
                 batch = batch.to(self.device)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from polymae.shared.errors import ConfigError, TrainingError
 from polymae.shared.tokens import Batch
 
 FREE, BUSY = 0, 1
@@ -175,6 +176,14 @@ class BatchRing:
         return batch
 
 
+@dataclass(frozen=True)
+class WorkerStopped:
+    """A worker's stream ended the run (no usable record, a bad setting): the error travels as a
+    message and the Loader raises it as it is; the DataLoader would have wrapped it in the
+    worker's traceback, which the CLI would print instead of one line."""
+    error: Exception
+
+
 class RingFeed(IterableDataset):
     """What the Loader's DataLoader iterates: in a worker, the stream's batches stacked into
     the worker's ring and packed; in the main process (no workers), the stream itself."""
@@ -193,5 +202,8 @@ class RingFeed(IterableDataset):
             self.writer = self.ring.writer(info.id)
             self.stream.allocate = self.writer.allocate
         self.writer.new_pass()
-        for batch in self.stream:
-            yield self.writer.pack(batch)
+        try:
+            for batch in self.stream:
+                yield self.writer.pack(batch)
+        except (ConfigError, TrainingError) as error:  # the DataLoader would re-raise it with its traceback
+            yield WorkerStopped(error)

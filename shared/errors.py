@@ -23,6 +23,15 @@ class TrainingError(RuntimeError):
     the CLI prints it as one line."""
 
 
+def no_usable_records(where: str, usable: int, skipped: dict) -> TrainingError:
+    """The one message for data of which nothing can be used, with the bad records' counts by kind
+    (the trainer after an epoch of skip reports, a data worker that cannot fill its batches)."""
+    kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(skipped.items())) or "none counted"
+    return TrainingError(f"no record of the data could be used: {where} gave {usable} usable records and "
+                         f"{sum(skipped.values())} bad ones ({kinds}); check the shards and the recipe's "
+                         "modality options against them")
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint that can be trusted where one is needed (every one damaged, or the one named
     is); the CLI prints it as one line."""

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .checkpoint import checkpoint_dirs, latest_checkpoint, load_state, newest_intact, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, TrainingError, no_usable_records
 from .memory import reuse_freed_memory
 from .tokens import Batch
 
@@ -285,10 +285,7 @@ class Trainer:
     def stop_without_usable_records(self) -> None:
         """A whole epoch on every rank gave only skip reports: another epoch would give the same, forever."""
         seen, skipped = self.record_counts()
-        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(skipped.items())) or "none counted"
-        raise TrainingError(f"no record of the data could be used: a whole epoch gave {seen} usable records and "
-                            f"{sum(skipped.values())} bad ones ({kinds}); check the shards and the recipe's "
-                            "modality options against them")
+        raise no_usable_records("a whole epoch", seen, skipped)
 
     def train_step(self, batch: Batch):
         """Forward, backward and (every `accum_steps` micro-batches) an optimiser step;

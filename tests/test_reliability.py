@@ -470,3 +470,71 @@ def test_bad_shard_paths_and_manifests_and_position_names_are_one_line_errors(di
                      "probe.enabled=false"])
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (override, err)
+
+
+# == 7. a stream of which nothing can be used ends, in every reading mode ==============================
+
+
+class Hung(Exception):
+    pass
+
+
+def within(seconds: int):
+    """Raise Hung in this (main) thread after `seconds`: a hang fails the test instead of stalling it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        def alarm(signum, frame):
+            raise Hung(f"still running after {seconds} s")
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    return guard()
+
+
+@pytest.fixture(scope="module")
+def unusable_shards(digits_shards, tmp_path_factory) -> dict[str, str]:
+    """Data no record of which can be used, each as `data.shards` names it."""
+    from polymae.pipelines.shards import write_shards
+    from polymae.pipelines.stream import read_shard
+
+    where = tmp_path_factory.mktemp("unusable")
+    (where / "random.tar").write_bytes(bytes(range(256)) * 20)  # not a tar, named .tar
+    records = list(read_shard(str(next(digits_shards.glob("train-*.tar")))))[:40]
+    cut = [{"__key__": r["__key__"], "image.png": r["image.png"][: len(r["image.png"]) // 3], "cls": r["cls"]} for r in records]
+    write_shards(cut, where / "cut")  # real digits, each PNG cut to a third: none decodes
+    return {"not_a_tar": str(where / "random.tar"), "pipe_false": "pipe:false",
+            "unreachable_url": "http://127.0.0.1:9/x.tar", "undecodable": str(where / "cut"),
+            "rejected_by_recipe": str(digits_shards)}
+
+
+@pytest.mark.parametrize("data, mode", [
+    ("not_a_tar", "quota"), ("pipe_false", "resampled"), ("unreachable_url", "quota"),
+    ("undecodable", "resampled"), ("rejected_by_recipe", "quota"), ("rejected_by_recipe", "resampled"),
+    ("not_a_tar", "resampled")])
+def test_a_stream_no_record_of_which_can_be_used_stops_with_one_line_in_every_mode(
+        unusable_shards, tmp_path, capsys, data, mode):
+    """The one-pass epoch already stopped (tests/test_bad_input.py); an endless (resampled) stream
+    spun forever on a readable shard of bad records, and a worker with a per-epoch quota (torchrun's
+    mode, or data.batches_per_epoch) died with a ValueError traceback from inside the DataLoader."""
+    from polymae.pipelines.cli import main
+
+    modes = {"quota": ["data.batches_per_epoch=5"], "resampled": ["data.resampled=true"]}
+    size = ["modality_options.image_size=[224,224]", "modality_options.patch_size=16"] \
+        if data == "rejected_by_recipe" else ["modality_options.image_size=[8,8]", "modality_options.patch_size=2",
+                                              "modality_options.channels=1"]
+    with within(120):
+        code = main(["pretrain", f"data.shards={unusable_shards[data]}", f"out_dir={tmp_path}", *TINY, *size,
+                     "data.num_workers=1", "trainer.max_steps=20", *modes[mode]])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert "no record of the data could be used" in line and "0 usable records" in line, line
+    kind = {"not_a_tar": "bad_shard=", "pipe_false": "bad_shard=", "unreachable_url": "bad_shard=",
+            "undecodable": "corrupt_image=", "rejected_by_recipe": "too_small="}[data]
+    assert kind in line, line

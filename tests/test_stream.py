@@ -20,7 +20,7 @@ from polymae.modalities.image import ImageModality
 from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
 from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
 from polymae.pipelines.transport import BatchRing, BlockView, Packed
-from polymae.shared.errors import BadInput
+from polymae.shared.errors import BadInput, TrainingError
 from polymae.shared.masking import build_masker
 from polymae.shared.tokens import Batch, collate
 
@@ -269,7 +269,7 @@ def test_resampled_stream_is_endless_and_drops_unreadable_shards(digits, modalit
     assert all(len(batch) == 32 for batch in batches if len(batch))
     assert sum(batch.skipped.get("missing_shard", 0) for batch in batches) <= 2  # once per worker at most
     assert len({key for batch in batches for key in batch.keys}) > NUM_DIGITS // 2
-    with pytest.raises(ValueError, match="none of the 1 shards can be read"):
+    with pytest.raises(TrainingError, match=r"no record of the data could be used: drawing each of the 1 shards"):
         next(iter(ShardStream([str(tmp_path / "gone.tar")], one_stream(modality, masker), batch_size=4,
                               resampled=True)))
 
