@@ -174,13 +174,13 @@ class ShardSetWriter:
             if re.fullmatch(rf"{re.escape(self.prefix)}-\d{{6}}\.tar", path.name) and path.name not in written:
                 path.unlink()
 
-    def close(self) -> dict:
-        """Finish the last shard and write the manifest; returns the manifest."""
+    def close(self, extra: dict | None = None) -> dict:
+        """Finish the last shard and write the manifest (with `extra` entries); returns the manifest."""
         if self.tar is not None:
             self.finish_shard()
         self.remove_stale_shards()
         manifest = {"shards": self.shards, "total": sum(shard["count"] for shard in self.shards),
-                    "inputs": self.inputs, "rejected": self.rejected, "modality": self.modality}
+                    "inputs": self.inputs, "rejected": self.rejected, "modality": self.modality, **(extra or {})}
         assert manifest["total"] == self.inputs - len(self.rejected), "shard writer lost a record"
         write_atomically(self.out_dir / manifest_name(self.prefix), json.dumps(manifest, indent=1))
         return manifest
@@ -239,17 +239,21 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
 
     Every sample is decoded once here (`validate`, default `modality.decode`; a recipe of
     several streams decodes every stream's payload), so corrupt files are rejected with a
-    reason in the manifest. A sample the source fails to read has no key to split by; it
+    reason in the manifest. What `modality.shard_statistics()` measures over the train
+    records is the train manifest's "statistics". A sample the source fails to read has no key to split by; it
     is listed under the train split's "rejected".
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
     writers = {split: ShardSetWriter(out_dir, split, max_bytes, max_count, modality.name) for split in splits}
+    statistics = modality.shard_statistics()  # measured on the train split only: what a run normalises with
     try:
         for sample in samples_recording_errors(modality.read_source(source), writers["train"].reject_unreadable):
             split = "val" if in_validation_split(str(sample.get("__key__")), val_fraction, seed) else "train"
-            writers[split].add(sample, validate=validate or modality.decode)
+            written = writers[split].add(sample, validate=validate or modality.decode)
+            if written and split == "train" and statistics is not None:
+                statistics.add(sample)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -260,7 +264,8 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
         reasons = [f"{r['source']}: {r['reason']}" for w in writers.values() for r in w.rejected][:3]
         raise BadInput(str(source), f"gave no usable {modality.name} records"  # BadInput: the CLI's one-line error
                        + (f" (rejected: {'; '.join(reasons)})" if reasons else ""), "no_usable_records")
-    return {split: writer.close() for split, writer in writers.items()}
+    return {split: writer.close({"statistics": statistics.result()} if split == "train" and statistics else None)
+            for split, writer in writers.items()}
 
 
 # -- finding shards --------------------------------------------------------------------------------

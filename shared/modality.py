@@ -34,6 +34,17 @@ def label_of(sample: dict) -> int | None:
         raise BadInput(sample.get("__key__", "?"), f"label 'cls' is not an integer: {raw!r}", "bad_label") from None
 
 
+class ShardStatistics:
+    """An accumulator `Modality.shard_statistics` gives: `add(sample)` for each record written to
+    the train split, then `result()`, a JSON-able dict stored in that split's manifest."""
+
+    def add(self, sample: dict) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict:
+        raise NotImplementedError
+
+
 class Modality:
     name: str = ""
     payload_keys: tuple[str, ...] = ()   # sample keys holding this modality's payload, in order of preference
@@ -71,6 +82,12 @@ class Modality:
         """How many samples the data stream makes of one record per epoch (a long video: several
         clips). Each is the record with `__part__` = (i, count) and its own seed; default 1."""
         return 1
+
+    def shard_statistics(self) -> "ShardStatistics | None":
+        """What the modality measures over the train split while `polymae shard` writes it
+        (a raster's per-band means and deviations), kept in the train manifest under
+        "statistics" for `prepare` to read back; None (the default): nothing."""
+        return None
 
     def prepare(self, shard_folder: Path, records: Callable[[], Iterator[dict]]) -> None:
         """Fit what the modality learns from the data before a model is built (the text
