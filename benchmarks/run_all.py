@@ -136,26 +136,34 @@ def fmt(value, spec=".2f"):
 
 
 def train_step_section(r: dict) -> list[str]:
+    rates = ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in r.get("matmul_gflops", {}).items())
     lines = ["### train_step: polymae vs Hugging Face ViTMAEForPreTraining", "",
-             f"ViT-S/16 MAE at 224px (HF's architecture), mask 0.75, norm-pix loss, batch {r.get('batch')}, "
-             f"AdamW, forward + backward + step; {r.get('threads_note', '')}. Matmul limit in-process: "
-             f"bf16 {fmt(r.get('bf16_matmul_gflops'), '.0f')} GFLOP/s, fp32 {fmt(r.get('fp32_matmul_gflops'), '.0f')} "
-             f"GFLOP/s (2048^3 torch.mm); the model's matmuls: "
-             f"{fmt(r.get('model_matmul_gflop_per_step'), '.1f')} GFLOP per step.", "",
-             "| precision | HF img/s | polymae img/s | ratio | target | HF fwd/bwd/opt s | polymae fwd/bwd/opt s "
-             "| bf16 limit reached (HF / polymae) | first-step loss HF / polymae (rel diff) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for precision in ("bf16", "fp32"):
-        p = r.get(precision)
-        if not p:
-            continue
-        h, m = p["hf"], p["polymae"]
-        lines.append(
-            f"| {precision} | {h['images_per_s']:.2f} | {m['images_per_s']:.2f} | **{p['ratio']:.2f}x** | "
-            f"{'2.0' if precision == 'bf16' else '1.2'}x | {h['forward_s']:.2f} / {h['backward_s']:.2f} / "
-            f"{h['optimizer_s']:.3f} | {m['forward_s']:.2f} / {m['backward_s']:.2f} / {m['optimizer_s']:.3f} | "
-            f"{p['bf16_limit_fraction']['hf']:.1%} / {p['bf16_limit_fraction']['polymae']:.1%} | "
-            f"{p['first_loss']['hf']:.6f} / {p['first_loss']['polymae']:.6f} ({p['first_loss_rel_diff']:.1e}) |")
+             f"vit-s: ViT-S/16 MAE at 224px (HF's architecture), norm-pix loss, batch 32; tiny: the default "
+             f"recipe's model (8x8 grey, 16 tokens, 192 x 6, decoder 128 x 2), pixel loss, batch 256. Mask 0.75, "
+             f"AdamW, forward + backward + step; {r.get('threads_note', '')}; CPU flags: amx "
+             f"{'yes' if r.get('amx') else 'no'}, avx512_bf16 {'yes' if r.get('avx512_bf16') else 'no'}. "
+             f"Matmul rate in-process (2048^3 torch.mm): {rates}.", "",
+             "| shape | precision | HF img/s | polymae img/s | ratio | target | HF fwd/bwd/opt s | polymae fwd/bwd/opt s "
+             "| step / its matmul time (HF / polymae) | first-step loss HF / polymae (rel diff) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in ("vit-s", "tiny"):
+        for precision in ("bf16", "fp32"):
+            p = r.get(shape, {}).get(precision)
+            if not p:
+                continue
+            h, m = p["hf"], p["polymae"]
+            target = {("vit-s", "bf16"): "2.0x", ("vit-s", "fp32"): "1.2x", ("tiny", "bf16"): "2.0x"}.get(
+                (shape, precision), "none")
+            lines.append(
+                f"| {shape} | {precision} | {h['images_per_s']:.1f} | {m['images_per_s']:.1f} | **{p['ratio']:.2f}x** "
+                f"| {target} | {h['forward_s']:.3f} / {h['backward_s']:.3f} / {h['optimizer_s']:.3f} | "
+                f"{m['forward_s']:.3f} / {m['backward_s']:.3f} / {m['optimizer_s']:.3f} | "
+                f"{p['step_over_matmul']['hf']:.2f}x / {p['step_over_matmul']['polymae']:.2f}x | "
+                f"{p['first_loss']['hf']:.6f} / {p['first_loss']['polymae']:.6f} ({p['first_loss_rel_diff']:.1e}) |")
+    paths = r.get("kernel_paths", {})
+    if paths:
+        lines += ["", "Kernel paths polymae measured and took: "
+                  + "; ".join(f"{key}: {path}" for key, path in sorted(paths.items())) + "."]
     return lines
 
 

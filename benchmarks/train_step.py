@@ -1,8 +1,13 @@
 """polymae's image MAE vs Hugging Face ViTMAEForPreTraining: one training step, same everything.
 
-Architecture (HF's ViT-S/16 MAE shape): 224x224, patch 16, encoder 384 wide x 12
-blocks x 6 heads (MLP 1536), decoder 256 wide x 4 blocks x 8 heads (MLP 1024),
-mask ratio 0.75, norm-pix loss, batch 32, AdamW, forward + backward + step.
+Two shapes (`--shape`):
+- vit-s (HF's ViT-S/16 MAE): 224x224 RGB, patch 16, encoder 384 wide x 12 blocks x 6
+  heads (MLP 1536), decoder 256 wide x 4 blocks x 8 heads (MLP 1024), norm-pix loss,
+  batch 32;
+- tiny (the embedded default's model, where every CPU user starts): 8x8 grey,
+  patch 2 (16 tokens), encoder 192 x 6 x 3 heads, decoder 128 x 2 x 4 heads, plain
+  pixel loss, batch 256.
+Both: mask ratio 0.75, AdamW, forward + backward + step.
 
 Both models start from the same weights (HF's, converted with
 `polymae.modalities.image.hf_interop.from_hf_vitmae`), see the same photos and the same
@@ -11,12 +16,13 @@ process with the same threads, alternating step by step, in fp32 and under
 bf16 autocast. HF runs with attn_implementation="sdpa" and torch's default
 AdamW; polymae with its default kernels and fused AdamW (what its trainer uses).
 
-Prints images/s for both, the ratio, the losses of the first step (same
-weights: they must agree to numerical noise) and the fraction of the bf16
-matmul limit (a 2048^3 bf16 matmul, measured in-process) that the model's
-matmul FLOPs reach.
+Prints the CPU model and the flags the kernel choices read (amx, avx512_bf16), images/s
+for both, the ratio, the losses of the first step (same weights: they must agree to
+numerical noise), the step's time over the time its matmul FLOPs take at the rate of a
+2048^3 matmul of the same dtype measured in-process, and the path each of polymae's ops
+took (shared/kernels.py measures them at first use).
 
-    python benchmarks/train_step.py [--batch 32] [--seconds 120] [--precision bf16,fp32] [--quick]
+    python benchmarks/train_step.py [--shape vit-s,tiny] [--seconds 120] [--precision bf16,fp32] [--quick]
 """
 from __future__ import annotations
 
@@ -31,17 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Budget, adamw, machine, matmul_gflops, median, photo_batch,  # noqa: E402
                     set_threads, timed_step)
 
-TARGETS = {"bf16": 2.0, "fp32": 1.2}
+TARGETS = {("vit-s", "bf16"): 2.0, ("vit-s", "fp32"): 1.2, ("tiny", "bf16"): 2.0, ("tiny", "fp32"): None}
 LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # relative, first step from identical weights
+SHAPES = {
+    "vit-s": {"image": 224, "patch": 16, "channels": 3, "batch": 32, "width": 384, "depth": 12, "heads": 6,
+              "decoder_width": 256, "decoder_depth": 4, "decoder_heads": 8, "norm_pix": True},
+    "tiny": {"image": 8, "patch": 2, "channels": 1, "batch": 256, "width": 192, "depth": 6, "heads": 3,
+             "decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4, "norm_pix": False},
+}
 
 
-def hf_vit_small_mae(image: int, patch: int):
+def hf_mae_config(shape: dict):
     from transformers import ViTMAEConfig
 
-    return ViTMAEConfig(image_size=image, patch_size=patch, num_channels=3, hidden_size=384, num_hidden_layers=12,
-                        num_attention_heads=6, intermediate_size=1536, decoder_hidden_size=256,
-                        decoder_num_hidden_layers=4, decoder_num_attention_heads=8, decoder_intermediate_size=1024,
-                        mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6, hidden_act="gelu",
+    return ViTMAEConfig(image_size=shape["image"], patch_size=shape["patch"], num_channels=shape["channels"],
+                        hidden_size=shape["width"], num_hidden_layers=shape["depth"],
+                        num_attention_heads=shape["heads"], intermediate_size=4 * shape["width"],
+                        decoder_hidden_size=shape["decoder_width"], decoder_num_hidden_layers=shape["decoder_depth"],
+                        decoder_num_attention_heads=shape["decoder_heads"],
+                        decoder_intermediate_size=4 * shape["decoder_width"], mask_ratio=0.75,
+                        norm_pix_loss=shape["norm_pix"], layer_norm_eps=1e-6, hidden_act="gelu",
                         attn_implementation="sdpa")
 
 
@@ -63,7 +78,7 @@ def matmul_flops_per_image(config, num_tokens: int, keep: int, d_in: int) -> flo
     return 3 * forward - embed
 
 
-def build(args):
+def build(shape: dict, batch_size: int):
     from transformers import ViTMAEForPreTraining
 
     from polymae.modalities.image.tokenizer import patchify
@@ -71,24 +86,26 @@ def build(args):
     from polymae.shared.tokens import Batch
 
     torch.manual_seed(0)
-    config = hf_vit_small_mae(args.image, args.patch)
+    config = hf_mae_config(shape)
     hf = ViTMAEForPreTraining(config)
     fill_hf_sincos_tables(hf)  # transformers 5.x leaves them at zero in a model built from a config
     hf.train()
     model = from_hf_vitmae(hf).train()
-    pixels = photo_batch(args.batch, args.image)
-    num_tokens = (args.image // args.patch) ** 2
-    noise = torch.rand(args.batch, num_tokens, generator=torch.Generator().manual_seed(1))
-    tokens = patchify(pixels, args.patch)
+    pixels = photo_batch(batch_size, shape["image"])
+    if shape["channels"] == 1:
+        pixels = pixels.mean(1, keepdim=True)
+    num_tokens = (shape["image"] // shape["patch"]) ** 2
+    noise = torch.rand(batch_size, num_tokens, generator=torch.Generator().manual_seed(1))
+    tokens = patchify(pixels, shape["patch"])
     batch = Batch(streams={"image": tokens}, mask=hf_noise_to_mask(noise, config.mask_ratio))
     assert torch.equal(hf.patchify(pixels), tokens.values)
     return config, hf, model, pixels, noise, batch
 
 
-def make_steps(hf, model, pixels, noise, batch, fused: bool):
+def make_steps(hf, model, pixels, noise, batch, fused: bool, norm_pix: bool):
     from polymae.shared.objectives import LossTerms
 
-    terms = LossTerms({"pixel": {"weight": 1.0, "norm_pix": True}}, ["image"])
+    terms = LossTerms({"pixel": {"weight": 1.0, "norm_pix": norm_pix}}, ["image"])
     optimizers = {"hf": adamw(hf.parameters(), fused=False), "polymae": adamw(model.parameters(), fused=fused)}
 
     def forward_hf():
@@ -104,10 +121,11 @@ def make_steps(hf, model, pixels, noise, batch, fused: bool):
         optimizers
 
 
-def run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch, args):
+def run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch, args, norm_pix: bool,
+                  batch_size: int):
     hf.load_state_dict(hf_state)
     model.load_state_dict(pm_state)
-    steps, optimizers = make_steps(hf, model, pixels, noise, batch, fused=not args.no_fused)
+    steps, optimizers = make_steps(hf, model, pixels, noise, batch, fused=not args.no_fused, norm_pix=norm_pix)
     first = {name: steps[name](precision) for name in ("hf", "polymae")}  # same weights: the loss check
     records = {"hf": [], "polymae": []}
     budget = Budget(args.seconds, args.min_steps, args.max_steps)
@@ -123,7 +141,7 @@ def run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch
     for name, rows in records.items():
         result[name] = {key: median([r[key] for r in rows])
                         for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "cpu_s")}
-        result[name]["images_per_s"] = args.batch / result[name]["step_s"]
+        result[name]["images_per_s"] = batch_size / result[name]["step_s"]
     hf_loss, pm_loss = result["first_loss"]["hf"], result["first_loss"]["polymae"]
     result["first_loss_rel_diff"] = abs(hf_loss - pm_loss) / abs(hf_loss)
     result["losses_agree"] = result["first_loss_rel_diff"] <= LOSS_TOLERANCE[precision]
@@ -133,62 +151,76 @@ def run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch
 
 
 def main(argv=None) -> dict:
+    from polymae.shared import kernels
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--shape", default="vit-s,tiny", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--batch", type=int, default=None, help="default: the shape's")
     parser.add_argument("--precision", default="bf16,fp32")
-    parser.add_argument("--seconds", type=float, default=120.0, help="timing budget per precision")
+    parser.add_argument("--seconds", type=float, default=120.0, help="timing budget per shape and precision")
     parser.add_argument("--min-steps", type=int, default=2, help="timed steps per model, at least")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=None, help="exactly this many timed steps per model")
     parser.add_argument("--threads", default=None, help="a number, or auto (see common.set_threads)")
     parser.add_argument("--no-fused", action="store_true", help="polymae with torch's default AdamW too")
-    parser.add_argument("--quick", action="store_true", help="batch 4, one timed step, small budget")
+    parser.add_argument("--quick", action="store_true", help="small batches, one timed step, small budget")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.min_steps, args.max_steps, args.seconds = min(args.batch, 4), 1, 2, 10.0
+        args.min_steps, args.max_steps, args.seconds = 1, 2, 10.0
     if args.steps:
         args.min_steps = args.max_steps = args.steps
     threads = set_threads(args.threads)
-
-    config, hf, model, pixels, noise, batch = build(args)
-    hf_state, pm_state = copy.deepcopy(hf.state_dict()), copy.deepcopy(model.state_dict())
-    num_tokens, keep = batch.mask.ids_restore.shape[1], batch.mask.num_visible
-    flops = matmul_flops_per_image(config, num_tokens, keep, batch.tokens.values.shape[-1]) * args.batch
-    limit = matmul_gflops(torch.bfloat16)
-    out = {"machine": machine(), "threads_note": threads, "batch": args.batch, "bf16_matmul_gflops": limit,
-           "fp32_matmul_gflops": matmul_gflops(torch.float32), "model_matmul_gflop_per_step": flops / 1e9}
-    print(f"train_step: ViT-S/16 MAE {args.image}px, mask 0.75, norm-pix, batch {args.batch}, "
-          f"{threads}, {out['machine']['cpu']} (load {out['machine']['load_avg_1min']})")
-    print(f"  matmul limit: bf16 {limit:.0f} GFLOP/s, fp32 {out['fp32_matmul_gflops']:.0f} GFLOP/s (2048^3, torch.mm); "
-          f"model matmuls {flops / 1e9:.1f} GFLOP per step")
-    for precision in args.precision.split(","):
-        r = run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch, args)
-        r["bf16_limit_fraction"] = {k: flops / r[k]["step_s"] / 1e9 / limit for k in ("hf", "polymae")}
-        out[precision] = r
-        print(f"  {precision}: HF {r['hf']['images_per_s']:.2f} img/s, polymae {r['polymae']['images_per_s']:.2f} img/s"
-              f" -> {r['ratio']:.2f}x (target {TARGETS[precision]}x; CPU-time ratio {r['cpu_ratio']:.2f}x; "
-              f"{r['steps_timed']} steps each)")
-        for k in ("hf", "polymae"):
-            s = r[k]
-            print(f"    {k:8s} step {s['step_s']:.3f}s = fwd {s['forward_s']:.3f} + bwd {s['backward_s']:.3f} + "
-                  f"opt {s['optimizer_s']:.3f} ({r['optimizer'][k]}); "
-                  f"{r['bf16_limit_fraction'][k]:.1%} of the bf16 matmul limit")
-        print(f"    first-step loss (same weights): HF {r['first_loss']['hf']:.6f}, polymae "
-              f"{r['first_loss']['polymae']:.6f}, rel diff {r['first_loss_rel_diff']:.1e} "
-              f"({'agree' if r['losses_agree'] else 'DISAGREE'}, tolerance {LOSS_TOLERANCE[precision]:.0e}); "
-              f"last: HF {r['last_loss']['hf']:.5f}, polymae {r['last_loss']['polymae']:.5f}")
-    parts = []
-    ok = True
-    for precision in args.precision.split(","):
-        r = out[precision]
-        met = r["ratio"] >= TARGETS[precision] and r["losses_agree"]
-        ok &= met
-        parts.append(f"{precision} {r['ratio']:.2f}x (target {TARGETS[precision]}x{'' if met else ', NOT met'})")
+    precisions = args.precision.split(",")
+    cpu = kernels.cpu_features()
+    limits = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    out = {"machine": machine(), "threads_note": threads, "amx": cpu.amx, "avx512_bf16": cpu.avx512_bf16,
+           "matmul_gflops": limits}
+    print(f"train_step: {threads}, {cpu.model} (load {out['machine']['load_avg_1min']}); flags: amx "
+          f"{'yes' if cpu.amx else 'no'}, avx512_bf16 {'yes' if cpu.avx512_bf16 else 'no'}")
+    print("  matmul rate (2048^3, torch.mm): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in limits.items()))
+    parts, ok = [], True
+    for shape_name in args.shape.split(","):
+        shape = SHAPES[shape_name]
+        batch_size = args.batch or (min(shape["batch"], 4) if args.quick else shape["batch"])
+        config, hf, model, pixels, noise, batch = build(shape, batch_size)
+        hf_state, pm_state = copy.deepcopy(hf.state_dict()), copy.deepcopy(model.state_dict())
+        num_tokens, keep = batch.mask.ids_restore.shape[1], batch.mask.num_visible
+        flops = matmul_flops_per_image(config, num_tokens, keep, batch.tokens.values.shape[-1]) * batch_size
+        out[shape_name] = {"batch": batch_size, "model_matmul_gflop_per_step": flops / 1e9}
+        print(f"{shape_name}: {shape['image']}px, patch {shape['patch']}, {shape['width']} x {shape['depth']} "
+              f"(decoder {shape['decoder_width']} x {shape['decoder_depth']}), mask 0.75, "
+              f"{'norm-pix' if shape['norm_pix'] else 'pixel'} loss, batch {batch_size}: "
+              f"model matmuls {flops / 1e9:.1f} GFLOP per step")
+        for precision in precisions:
+            r = run_precision(precision, hf, model, hf_state, pm_state, pixels, noise, batch, args,
+                              shape["norm_pix"], batch_size)
+            matmul_s = flops / (limits[precision] * 1e9)
+            r["step_over_matmul"] = {k: r[k]["step_s"] / matmul_s for k in ("hf", "polymae")}
+            target = TARGETS[(shape_name, precision)]
+            out[shape_name][precision] = r
+            print(f"  {precision}: HF {r['hf']['images_per_s']:.1f} img/s, polymae {r['polymae']['images_per_s']:.1f}"
+                  f" img/s -> {r['ratio']:.2f}x (target {f'{target}x' if target else 'none'}; CPU-time ratio "
+                  f"{r['cpu_ratio']:.2f}x; {r['steps_timed']} steps each)")
+            for k in ("hf", "polymae"):
+                s = r[k]
+                print(f"    {k:8s} step {s['step_s']:.3f}s = fwd {s['forward_s']:.3f} + bwd {s['backward_s']:.3f} + "
+                      f"opt {s['optimizer_s']:.3f} ({r['optimizer'][k]}); {r['step_over_matmul'][k]:.2f}x its "
+                      f"matmul time at the {precision} rate")
+            print(f"    first-step loss (same weights): HF {r['first_loss']['hf']:.6f}, polymae "
+                  f"{r['first_loss']['polymae']:.6f}, rel diff {r['first_loss_rel_diff']:.1e} "
+                  f"({'agree' if r['losses_agree'] else 'DISAGREE'}, tolerance {LOSS_TOLERANCE[precision]:.0e}); "
+                  f"last: HF {r['last_loss']['hf']:.5f}, polymae {r['last_loss']['polymae']:.5f}")
+            met = (target is None or r["ratio"] >= target) and r["losses_agree"]
+            ok &= met
+            parts.append(f"{shape_name} {precision} {r['ratio']:.2f}x"
+                         + (f" (target {target}x{'' if met else ', NOT met'})" if target else ""))
+    out["kernel_paths"] = kernels.chosen_paths()
+    print("  kernel paths (measured at first use):")
+    for key, path in sorted(out["kernel_paths"].items()):
+        print(f"    {key:48s} {path}")
+    agree = all(out[s][p]["losses_agree"] for s in args.shape.split(",") for p in precisions)
     out["verdict"] = (f"{'PASS' if ok else 'FAIL'}: polymae vs HF ViTMAE training step: " + ", ".join(parts)
-                      + ("; losses agree" if all(out[p]["losses_agree"] for p in args.precision.split(","))
-                         else "; LOSSES DISAGREE"))
+                      + ("; losses agree" if agree else "; LOSSES DISAGREE"))
     print(out["verdict"])
     return out
 

@@ -42,6 +42,7 @@ from .checkpoint import checkpoint_dirs, latest_checkpoint, load_state, newest_i
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
 from .errors import CheckpointError, TrainingError, no_usable_records
+from .kernels import chosen_paths, cpu_features, pin_paths
 from .memory import reuse_freed_memory
 from .tokens import Batch
 
@@ -74,9 +75,13 @@ def bf16_is_faster(device_type: str) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`trainer.precision`: bf16 and fp32 as asked; auto: bf16 where it is measured faster."""
+    """`trainer.precision`: bf16 and fp32 as asked; auto: bf16 on GPUs and on CPUs whose flags
+    say they multiply bf16 in hardware (AMX, AVX-512 BF16), fp32 on the others; where the flags
+    are unknown (not Linux), bf16 where it is measured faster."""
     if precision != "auto":
         return precision
+    if device.type == "cpu" and cpu_features().native_bf16 is not None:
+        return "bf16" if cpu_features().native_bf16 else "fp32"
     return "bf16" if bf16_is_faster(device.type) else "fp32"
 
 
@@ -146,7 +151,8 @@ class Trainer:
         return {"optimizer": optimizer_state, "step": self.step, "epoch": self.epoch,
                 "batches_in_epoch": self.batches_in_epoch, "skipped": dict(self.skipped),
                 "records_seen": self.records_seen, "rng": rng_state(),
-                "scheduler": {"kind": "warmup_cosine", "step": self.step}}
+                "scheduler": {"kind": "warmup_cosine", "step": self.step},
+                "kernel_paths": chosen_paths()}  # a resumed run takes the same paths: they round differently
 
     def save(self) -> None:
         """Gather full (unsharded, unwrapped) weights and optimizer state; rank 0 writes them."""
@@ -186,6 +192,7 @@ class Trainer:
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         self.skipped, self.records_seen = Counter(state["skipped"]), state["records_seen"]
         set_rng_state(state["rng"])
+        pin_paths(state.get("kernel_paths", {}))
 
     # -- one step ---------------------------------------------------------
     def autocast(self):

@@ -12,7 +12,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from polymae.shared.checkpoint import checkpoint_dirs, latest_checkpoint, save_checkpoint
+from polymae.shared.checkpoint import checkpoint_dirs, latest_checkpoint, load_state, save_checkpoint
 
 CLI = [sys.executable, "-m", "polymae.pipelines.cli", "pretrain"]
 
@@ -67,6 +67,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path, d
     assert final_a.keys() == final_b.keys()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert not list((run_b / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+    # the kernel paths the run measured travel with its checkpoints, for a resume elsewhere to take them
+    assert load_state(latest_checkpoint(run_b))["kernel_paths"]
 
 
 def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
