@@ -20,7 +20,7 @@ from torch import nn
 from .config import build
 from .errors import BadInput, ConfigError
 from .masking import Masker, build_masker
-from .model import DecoderConfig, InputAdapter, MLPHead, ModelConfig, TransformerDecoder
+from .model import CrossAttentionDecoder, DecoderConfig, InputAdapter, MLPHead, ModelConfig, TransformerDecoder
 from .tokens import Tokens
 
 
@@ -166,13 +166,14 @@ class Modality:
     def decoder(self, decoder: DecoderConfig, encoder_width: int, config: ModelConfig) -> nn.Module:
         """This stream's decoder or head (`decoder.kind`, default `default_decoder`)."""
         kind = decoder.kind or self.default_decoder
-        if kind == "transformer":
-            return TransformerDecoder(encoder_width, self.output_width, self.num_coords, config, decoder,
-                                      self.coord_extents)
+        if kind in ("transformer", "cross"):
+            decoder_class = TransformerDecoder if kind == "transformer" else CrossAttentionDecoder
+            return decoder_class(encoder_width, self.output_width, self.num_coords, config, decoder,
+                                 self.coord_extents)
         if kind in ("mlp", "vocab"):
             return MLPHead(encoder_width, self.output_width, config.layer_norm_eps, decoder.layer, config.kernels,
                            targets_only=decoder.rows == "targets")
-        raise ConfigError(f"decoder kind {kind!r} is not one of transformer, mlp, vocab")
+        raise ConfigError(f"decoder kind {kind!r} is not one of transformer, cross, mlp, vocab")
 
     def render(self, tokens: Tokens, hidden: torch.Tensor, pred: torch.Tensor, rows: int = 8) -> Image.Image:
         """A picture of rows of original | masked | reconstruction of this stream; `hidden`

@@ -81,7 +81,7 @@ class ModelConfig:
 @dataclass
 class DecoderConfig:
     """One stream's decoder or head (`streams.<name>.decoder` in a recipe)."""
-    kind: str | None = None         # transformer | mlp | vocab (DECODERS); None: the modality's default
+    kind: str | None = None         # transformer | cross | mlp | vocab (DECODERS); None: the modality's default
     layer: int | None = None        # encoder depth it reads (1-based); None: the last, normalised
     width: int | None = None        # transformer decoder width (None: model.decoder_width)
     depth: int | None = None
@@ -260,15 +260,16 @@ class TransformerDecoder(nn.Module):
         self.norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(width, d_out)
 
-    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
-        """The decoder's normalised output at the stream's tokens [B, N_s, width], before `head`."""
-        x = linear(latent, self.embed, self.kernels)
-        head, entered = x[:, :prefix], x[:, prefix:]
+    def stream_queries(self, x: Tensor, prefix: int, batch: Batch, stream: str, everything: bool = False):
+        """The stream's own decoder inputs [B, N_s, width] from the projected encoder output `x`:
+        its codes where the encoder read them, the mask token elsewhere, plus its position
+        encoding; with `everything`, also every token's place filled ([B, N_total, width]) and
+        which of them the encoder read (`entered_positions`)."""
+        entered = x[:, prefix:]
         mask = batch.mask
         b, n = mask.ids_restore.shape
         filler = self.mask_token.to(x.dtype).expand(b, n - entered.shape[1], -1)
         full = gather_tokens(torch.cat([entered, filler], dim=1), mask.ids_restore)  # [B, N_total, width]
-        tokens = batch.streams[stream]
         span = batch.layout[stream]
         is_input = entered_positions(batch)
         own = full[:, span]
@@ -276,7 +277,15 @@ class TransformerDecoder(nn.Module):
             own = torch.where(is_input[:, span, None], own, self.mask_token.to(x.dtype))
         if self.remask:  # hidden tokens the encoder read (as its mask token) are masked again (GraphMAE)
             own = torch.where(mask.hidden[:, span, None], self.mask_token.to(x.dtype), own)
-        own = own + self.position(tokens.coords).to(x.dtype)
+        own = own + self.position(batch.streams[stream].coords).to(x.dtype)
+        return (own, full, is_input) if everything else own
+
+    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+        """The decoder's normalised output at the stream's tokens [B, N_s, width], before `head`."""
+        x = linear(latent, self.embed, self.kernels)
+        head = x[:, :prefix]
+        own, full, is_input = self.stream_queries(x, prefix, batch, stream, everything=True)
+        tokens, b = batch.streams[stream], x.shape[0]
         parts, keys = [head, own], [tokens.valid]
         for other, other_span in batch.layout.items():
             if other != stream:
@@ -295,6 +304,37 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, latent: Tensor, prefix: int, batch: Batch, stream: str, taps: dict[int, Tensor]) -> dict:
         return {"pred": linear(self.features(latent, prefix, batch, stream), self.head, self.kernels)}
+
+
+class CrossAttentionDecoder(TransformerDecoder):
+    """MultiMAE's decoder for one stream: the stream's own tokens (its encoder codes where the
+    encoder read them, the mask token elsewhere, plus its position encoding) are the queries of
+    one cross-attention over everything the encoder read (every stream's codes and the [cls]
+    token), then `depth` self-attention blocks over the stream's tokens alone, norm and head.
+    The other streams reach it only through the cross-attention, so a stream the encoder saw
+    nothing of (its whole budget went elsewhere) is still reconstructed from the others."""
+
+    def __init__(self, encoder_width: int, d_out: int, num_coords: int, cfg: ModelConfig, dec: DecoderConfig,
+                 grid: tuple[int, ...] | None = None, position: str | None = None, remask: bool = False):
+        super().__init__(encoder_width, d_out, num_coords, cfg, dec, grid, position, remask)
+        width, heads = dec.width or cfg.decoder_width, dec.heads or cfg.decoder_heads
+        self.query_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.context_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.cross = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+        context = linear(latent, self.embed, self.kernels)
+        own = self.stream_queries(context, prefix, batch, stream)
+        valid = MaskedAutoencoder.inputs_valid(batch)
+        ignored = None if valid is None else ~torch.cat([valid.new_ones(valid.shape[0], prefix), valid], 1)
+        attended, _ = self.cross(self.query_norm(own), self.context_norm(context), self.context_norm(context),
+                                 key_padding_mask=ignored, need_weights=False)
+        x = own + attended
+        keys = batch.streams[stream].valid
+        attn = None if keys is None else keys[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn)
+        return self.norm(x)
 
 
 def entered_positions(batch: Batch) -> Tensor | None:
@@ -350,6 +390,7 @@ class MLPHead(nn.Module):
 
 
 DECODERS.register("transformer", TransformerDecoder)
+DECODERS.register("cross", CrossAttentionDecoder)
 DECODERS.register("mlp", MLPHead)
 DECODERS.register("vocab", MLPHead)  # an MLP head over a vocabulary (ids streams), tied to the input embedding
 

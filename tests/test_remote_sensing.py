@@ -32,7 +32,10 @@ from polymae.pipelines.runs import build_parts, load_run
 from polymae.pipelines.shards import resolve_shards, samples_recording_errors, shard_source
 from polymae.shared.config import load_config
 from polymae.shared.errors import BadInput, ConfigError
+from polymae.pipelines.stream import ShardStream
+from polymae.shared.masking import split_visible_budget
 from polymae.shared.packaged_data import PackagedDataError
+from polymae.shared.tokens import Mask, Tokens, collate
 
 TINY = ["model.width=48", "model.depth=2", "model.heads=2", "model.decoder_width=48", "model.decoder_depth=1",
         "model.decoder_heads=2", "data.num_workers=0", "data.shuffle_buffer=64", "trainer.max_minutes=null",
@@ -252,3 +255,73 @@ def test_pretraining_on_sentinel2_lowers_held_out_loss_probes_land_use_and_draws
     assert picture.width > 3 * 96 and picture.height > 4 * 96
     colours = np.asarray(picture.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(colours, axis=0)) > 200                        # false-colour chips, not flat panels
+
+
+# -- MultiMAE: Sentinel-2's band groups as three streams, one Dirichlet-split visible budget ------
+
+MULTIMAE_TINY = [*TINY, "model.decoder_width=48", "data.batch_size=32"] + [
+    f"streams.{name}.options.{key}={value}" for name in ("visible", "red_edge_nir", "swir")
+    for key, value in (("image_size", 16), ("patch_size", 4))]
+
+
+def test_the_visible_budget_is_exact_and_its_split_follows_the_dirichlet():
+    draws = {}
+    for alpha in (1.0, 0.3):
+        generator = torch.Generator().manual_seed(0)
+        visible = np.array([[16 - h for h in split_visible_budget([16, 16, 16], 16, alpha, generator)]
+                            for _ in range(3000)])
+        assert (visible.sum(1) == 16).all() and (visible >= 0).all()
+        shares = visible / 16
+        draws[alpha] = shares
+        # Dirichlet(alpha, alpha, alpha): mean 1/3 each, variance (1/3)(2/3) / (3 alpha + 1)
+        np.testing.assert_allclose(shares.mean(0), [1 / 3] * 3, atol=0.02)
+        np.testing.assert_allclose(shares.var(0), [(2 / 9) / (3 * alpha + 1)] * 3, rtol=0.15)
+    assert (draws[0.3] == 0).mean() > (draws[1.0] == 0).mean()          # small alpha: streams often dropped
+    print("MultiMAE budget: mean shares", draws[1.0].mean(0).round(3), "variance", draws[1.0].var(0).round(4),
+          "(Dirichlet(1): 0.333, 0.0556)")
+
+
+def test_multimae_pretrains_on_band_groups_and_a_dropped_stream_still_decodes(landuse_shards, tmp_path):
+    config = load_config("mixes/multimae.yaml", [f"data.shards={landuse_shards}", f"out_dir={tmp_path}",
+                                                 "trainer.max_steps=30", "probe.enabled=false", *MULTIMAE_TINY])
+    parts = build_parts(config)
+    assert all(type(d).__name__ == "CrossAttentionDecoder" for d in parts.model.decoders.values())
+    val = resolve_shards(landuse_shards, prefix="val")
+    stream = ShardStream(val, parts.streams, batch_size=32, train=False, visible_budget=16, budget_alpha=1.0)
+    batch = next(iter(stream))
+    visible = (~batch.mask.hidden).sum(1)
+    assert (visible == 16).all() and batch.mask.hidden.shape == (32, 48)   # 3 streams x 16 tokens, 16 shown
+    per_stream = torch.stack([(~batch.stream_mask(name)[0]).sum(1) for name in batch.streams], 1)
+    assert (per_stream.sum(1) == 16).all() and per_stream.float().std() > 0  # split differently per chip
+
+    summary = pretrain(config)
+    trained, _ = load_run(summary["run_dir"])
+    dropped = without_stream(batch, "swir")
+    assert (~dropped.stream_mask("swir")[0]).sum() == 0 and ((~dropped.mask.hidden).sum(1) == 16).all()
+
+    def swir_loss(parts) -> float:
+        parts.module.eval()
+        with torch.no_grad():
+            _, losses, outputs = parts.module(dropped)
+        assert torch.isfinite(outputs.pred("swir")).all()
+        return float(losses["swir_pixel"])
+
+    untrained_loss, trained_loss = swir_loss(build_parts(config)), swir_loss(trained)
+    print(f"SWIR rebuilt from the other two streams alone: random init {untrained_loss:.4f}, "
+          f"trained {trained_loss:.4f}")
+    assert trained_loss < 0.9 * untrained_loss
+
+
+def without_stream(batch, dropped: str):
+    """The batch re-masked with every token of `dropped` hidden and the same budget shared by the others."""
+    names = list(batch.streams)
+    items = []
+    for i, key in enumerate(batch.keys):
+        generator = torch.Generator().manual_seed(i)
+        tokens = {n: Tokens(batch.streams[n].values[i], batch.streams[n].coords[i], grid=batch.streams[n].grid)
+                  for n in names}
+        kept = [n for n in names if n != dropped]
+        hidden = dict(zip(kept, split_visible_budget([16] * len(kept), 16, 1.0, generator)), **{dropped: 16})
+        masks = {n: Mask.from_scores(torch.rand(16, generator=generator), hidden[n]) for n in names}
+        items.append((tokens, masks, batch.labels[i] if batch.labels is not None else None, key))
+    return collate(items)

@@ -210,9 +210,14 @@ class RemoteSensingModality(Modality):
         return torch.from_numpy((chip - mean) / std)  # NaN stays NaN: nodata, filled after cropping
 
     def crop(self, x: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
+        """A window of `image_size` px, flipped and turned at random when training. The draws
+        come from a generator of the record's seed (`initial_seed`), not from the record's
+        generator itself: each stream of a record would draw after the others have, so the
+        band groups or sensors of one chip would be cropped apart; this way they stay registered."""
         size = self.options.image_size
         h, w = x.shape[1:]
         if train:
+            generator = torch.Generator().manual_seed(generator.initial_seed())
             top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
             left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
         else:
