@@ -45,7 +45,8 @@ def cmd_shard(args) -> None:
         options[flag] = True
     modality = MODALITIES.get(args.modality)(options)
     manifests = shard_source(modality, args.source, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                             max_count=args.max_count, max_bytes=int(args.max_mb * 2 ** 20))
+                             max_count=args.max_count, max_bytes=int(args.max_mb * 2 ** 20),
+                             record_seconds=args.record_seconds or None)
     for split, manifest in manifests.items():
         print(f"{split}: {manifest['total']} records in {len(manifest['shards'])} shards, "
               f"{len(manifest['rejected'])} rejected")
@@ -142,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, default=10_000, help="records per shard at most")
     p.add_argument("--max-mb", type=float, default=64.0, help="MiB per shard at most")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record-seconds", type=float, default=60.0,
+                   help="time one input may take to read and check; slower ones are rejected as too_slow (0: no limit)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a modality option used to check records (e.g. channels=1); a further --NAME flag "
                         "sets the modality's boolean option NAME (dashes as underscores) to true")

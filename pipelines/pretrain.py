@@ -11,7 +11,7 @@ from pathlib import Path
 
 from polymae.shared import distributed
 from polymae.shared.config import Config, dump_config
-from polymae.shared.errors import ConfigError
+from polymae.shared.errors import ConfigError, writing
 from polymae.shared.trainer import Trainer
 
 from .probe import format_heldout, format_probe, heldout_losses, probe
@@ -95,7 +95,8 @@ def train_in_run_folder(config: Config, context: distributed.DistributedContext,
         if resume:
             record_changes(run_dir, trainer.step, changes)
         else:
-            (run_dir / CONFIG_FILE).write_text(dump_config(config))
+            with writing(run_dir / CONFIG_FILE):
+                (run_dir / CONFIG_FILE).write_text(dump_config(config))
         print(f"run folder: {run_dir}  ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(train_shards)} train shards, {context.world_size} rank(s) on {context.device})")
     summary = trainer.fit(batches)
@@ -110,5 +111,6 @@ def train_in_run_folder(config: Config, context: distributed.DistributedContext,
         print(format_heldout(summary["heldout"]))
         summary["probe"] = probe(trained, train_shards, val_shards)
         print(format_probe(summary["probe"]))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with writing(run_dir / "summary.json"):
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -34,9 +34,9 @@ from typing import Callable, Iterable, Iterator
 import braceexpand
 from webdataset import TarWriter
 
-from polymae.shared.errors import BadInput, ConfigError
+from polymae.shared.errors import BadInput, ConfigError, failed, writing
 from polymae.shared.modality import Modality
-from polymae.shared.sources import name_bytes
+from polymae.shared.sources import DEFAULT_RECORD_SECONDS, RecordTooSlow, name_bytes, time_budget
 
 DEFAULT_MAX_BYTES = 64 * 1024 ** 2
 DEFAULT_MAX_COUNT = 10_000
@@ -62,7 +62,8 @@ def manifest_name(prefix: str) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
+    with writing(path):
+        temporary.write_text(text)
     os.replace(temporary, path)
 
 
@@ -122,13 +123,15 @@ class ShardSetWriter:
         self.previous_key: str | None = None
 
     # -- records ---------------------------------------------------------------
-    def add(self, sample: dict, validate: Callable[[dict], object] | None = None) -> bool:
-        """Write `sample`, or reject it when its key or `validate(sample)` raises BadInput."""
+    def add(self, sample: dict, validate: Callable[[dict], object] | None = None,
+            seconds: float | None = DEFAULT_RECORD_SECONDS) -> bool:
+        """Write `sample`, or reject it when its key or `validate(sample)` raises BadInput (or a
+        decoding library's own exception, or runs past its time budget of `seconds`)."""
         self.inputs += 1
         try:
             key = check_key(sample, self.previous_key)
             if validate is not None:
-                validate(sample)
+                validated(sample, validate, seconds)
         except BadInput as error:
             self.rejected.append({"key": sample.get("__key__"), "source": sample.get("__source__", error.source),
                                   "kind": error.kind, "reason": error.problem})
@@ -137,10 +140,13 @@ class ShardSetWriter:
         size = sum(len(data) for data in members.values())
         if self.tar is not None and (self.shard_count >= self.max_count
                                      or self.shard_bytes + size > self.max_bytes):
-            self.finish_shard()
-        if self.tar is None:
-            self.start_shard()
-        self.tar.write({"__key__": key, **members})
+            with writing(self.out_dir / shard_name(self.prefix, len(self.shards))):
+                self.finish_shard()
+        with writing(self.out_dir / shard_name(self.prefix, len(self.shards)),
+                     lambda: f"{len(self.shards)} complete shards are kept; the manifest is not written"):
+            if self.tar is None:
+                self.start_shard()
+            self.tar.write({"__key__": key, **members})
         self.shard_count += 1
         self.shard_bytes += size
         self.previous_key = key
@@ -177,7 +183,8 @@ class ShardSetWriter:
     def close(self, extra: dict | None = None) -> dict:
         """Finish the last shard and write the manifest (with `extra` entries); returns the manifest."""
         if self.tar is not None:
-            self.finish_shard()
+            with writing(self.out_dir / shard_name(self.prefix, len(self.shards))):
+                self.finish_shard()
         self.remove_stale_shards()
         manifest = {"shards": self.shards, "total": sum(shard["count"] for shard in self.shards),
                     "inputs": self.inputs, "rejected": self.rejected, "modality": self.modality, **(extra or {})}
@@ -188,29 +195,55 @@ class ShardSetWriter:
     def abort(self) -> None:
         """Remove the shard being written (finished shards stay: they are complete)."""
         if self.tar is not None:
-            self.tar.close()
+            try:
+                self.tar.close()
+            except OSError:  # a full disk: the half-written shard goes either way
+                pass
             self.temporary.unlink(missing_ok=True)
             self.tar = self.temporary = None
 
 
-def samples_recording_errors(samples: Iterable[dict], on_error: Callable[[BadInput], None]) -> Iterator[dict]:
-    """Iterate `samples`, handing a BadInput raised while producing one to `on_error`
-    and going on (an iterator that can go on after raising does; a generator ends)."""
-    iterator = iter(samples)
+def validated(sample: dict, validate: Callable[[dict], object], seconds: float | None) -> None:
+    """`validate(sample)` within its time budget; any failure as the BadInput naming the sample."""
+    source = str(sample.get("__source__", sample.get("__key__")))
+    try:
+        with time_budget(seconds):
+            validate(sample)
+    except BadInput:
+        raise
+    except RecordTooSlow as error:
+        raise BadInput(source, str(error), "too_slow") from None
+    except Exception as error:  # noqa: BLE001  (a decoding library's own exception on odd bytes)
+        raise failed(source, "decoding it failed", error, "decode_error") from None
+
+
+def samples_recording_errors(samples: Iterable[dict], on_error: Callable[[BadInput], None],
+                             seconds: float | None = DEFAULT_RECORD_SECONDS) -> Iterator[dict]:
+    """Iterate `samples`, each within a time budget of `seconds`, handing a BadInput raised while
+    producing one to `on_error` and going on (an iterator that can go on after raising does, as
+    SourceSamples; a generator ends, and the error says so)."""
+    iterator, previous = iter(samples), None
     while True:
         try:
-            sample = next(iterator)
+            with time_budget(seconds):
+                sample = next(iterator)
         except StopIteration:
             return
         except BadInput as error:
             on_error(error)
             continue
+        except RecordTooSlow as error:  # a plain generator is closed by it: nothing more will come
+            on_error(BadInput(f"the input after {previous!r}", f"{error}; the source cannot go on after it",
+                              "too_slow"))
+            continue
+        previous = sample.get("__key__")
         yield sample
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "train",
                  max_bytes: int = DEFAULT_MAX_BYTES, max_count: int = DEFAULT_MAX_COUNT,
-                 validate: Callable[[dict], object] | None = None, modality: str | None = None) -> dict:
+                 validate: Callable[[dict], object] | None = None, modality: str | None = None,
+                 record_seconds: float | None = DEFAULT_RECORD_SECONDS) -> dict:
     """Write `samples` as `out_dir/{prefix}-{i:06d}.tar` plus `{prefix}-manifest.json`; returns the manifest.
 
     `validate(sample)` may raise BadInput to reject a sample (listed in the
@@ -218,8 +251,8 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "tr
     """
     writer = ShardSetWriter(out_dir, prefix, max_bytes, max_count, modality)
     try:
-        for sample in samples_recording_errors(samples, writer.reject_unreadable):
-            writer.add(sample, validate)
+        for sample in samples_recording_errors(samples, writer.reject_unreadable, record_seconds):
+            writer.add(sample, validate, record_seconds)
     except BaseException:
         writer.abort()
         raise
@@ -233,13 +266,15 @@ def in_validation_split(key: str, val_fraction: float, seed: int) -> bool:
 
 def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fraction: float = 0.0, seed: int = 0,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_count: int = DEFAULT_MAX_COUNT,
-                 validate: Callable[[dict], object] | None = None) -> dict[str, dict]:
+                 validate: Callable[[dict], object] | None = None,
+                 record_seconds: float | None = DEFAULT_RECORD_SECONDS) -> dict[str, dict]:
     """Shard `modality.read_source(source)` into `out_dir` as a "train" split (and a
     "val" split when `val_fraction > 0`); returns {split: manifest}.
 
     Every sample is decoded once here (`validate`, default `modality.decode`; a recipe of
     several streams decodes every stream's payload), so corrupt files are rejected with a
-    reason in the manifest. What `modality.shard_statistics()` measures over the train
+    reason in the manifest. Reading and decoding one input may take `record_seconds` at most
+    (a reader a damaged file sends into a loop is stopped there, and the input rejected as too_slow). What `modality.shard_statistics()` measures over the train
     records is the train manifest's "statistics". A sample the source fails to read has no key to split by; it
     is listed under the train split's "rejected".
     """
@@ -249,9 +284,10 @@ def shard_source(modality: Modality, source: str, out_dir: str | Path, val_fract
     writers = {split: ShardSetWriter(out_dir, split, max_bytes, max_count, modality.name) for split in splits}
     statistics = modality.shard_statistics()  # measured on the train split only: what a run normalises with
     try:
-        for sample in samples_recording_errors(modality.read_source(source), writers["train"].reject_unreadable):
+        for sample in samples_recording_errors(modality.read_source(source), writers["train"].reject_unreadable,
+                                               record_seconds):
             split = "val" if in_validation_split(str(sample.get("__key__")), val_fraction, seed) else "train"
-            written = writers[split].add(sample, validate=validate or modality.decode)
+            written = writers[split].add(sample, validate=validate or modality.decode, seconds=record_seconds)
             if written and split == "train" and statistics is not None:
                 statistics.add(sample)
     except BaseException:

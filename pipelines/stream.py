@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
-from polymae.shared.errors import BadInput, no_usable_records
+from polymae.shared.errors import BadInput, failed, no_usable_records
 from polymae.shared.masking import Masker, split_visible_budget
 from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
@@ -346,8 +346,8 @@ class ShardStream(IterableDataset):
             except BadInput:
                 raise
             except Exception as error:  # noqa: BLE001
-                raise BadInput(f"{sample.get('__url__', '?')}:{sample['__key__']}",
-                               f"{spec.name} decoder failed ({type(error).__name__}: {error})", DECODE_ERROR) from None
+                raise failed(f"{sample.get('__url__', '?')}:{sample['__key__']}", f"{spec.name} decoder failed",
+                             error, DECODE_ERROR) from None
         return decoded
 
     def mask_group(self, tokens: list[dict[str, Tokens]], generators: list[torch.Generator]) -> list[dict[str, Mask]]:

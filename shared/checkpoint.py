@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, writing
 
 STEP_PREFIX = "step-"
 CHECKSUMS = "checksums.json"
@@ -129,6 +129,27 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     remove_abandoned_temporaries(root)
     tmp = root / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        def kept() -> str:
+            return (f"the last intact checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is kept; free space "
+                    "and continue with --resume")
+
+        with writing(f"checkpoint {final}", kept):
+            write_checkpoint_files(tmp, weights, state, config_text, step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder only takes the space the next one needs
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(root)  # the rename itself, on disk
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_checkpoint_files(tmp: Path, weights: dict[str, torch.Tensor], state: dict, config_text: str,
+                           step: int) -> None:
     tmp.mkdir()
     save_file(distinct_tensors(weights), str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
@@ -140,13 +161,6 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     (tmp / CHECKSUMS).write_text(json.dumps({"step": step, "files": checksums}, indent=1))
     for path in tmp.iterdir():  # the rename below publishes only what is on disk
         fsync_path(path)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(root)  # the rename itself, on disk
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def distinct_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

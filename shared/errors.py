@@ -7,11 +7,23 @@ training run counts it when it skips the record.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+from typing import Callable
+
 
 class BadInput(ValueError):
     def __init__(self, source: str, problem: str, kind: str = "bad_record"):
         self.source, self.problem, self.kind = source, problem, kind
         super().__init__(f"{source}: {problem}")
+
+
+def failed(source: str, doing: str, error: BaseException, kind: str) -> BadInput:
+    """A library's own exception on odd input (PIL, laspy, numpy raise many kinds) as the BadInput
+    that names the input, so one strange file is one rejected input, never the end of a run."""
+    text = str(error).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return BadInput(source, f"{doing} ({type(error).__name__}{': ' + first if first else ''})", kind)
 
 
 class ConfigError(ValueError):
@@ -30,6 +42,25 @@ def no_usable_records(where: str, usable: int, skipped: dict) -> TrainingError:
     return TrainingError(f"no record of the data could be used: {where} gave {usable} usable records and "
                          f"{sum(skipped.values())} bad ones ({kinds}); check the shards and the recipe's "
                          "modality options against them")
+
+
+class DiskFull(TrainingError):
+    """A write that found the disk (or the user's quota) full; the CLI prints it as one line."""
+
+
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def writing(path, then: Callable[[], str] | None = None):
+    """Writes to `path` inside this block that find the disk full end the command with one line
+    naming the path ("no space left on device"), and `then()` (what was kept, what to do)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in FULL_DISK:
+            raise
+        raise DiskFull(f"no space left on device writing {path}" + (f"; {then()}" if then else "")) from None
 
 
 class CheckpointError(RuntimeError):

@@ -8,11 +8,48 @@ the file as rejected and asks for more, where a generator would have ended.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import signal
+import threading
 from typing import Callable, Iterable, Iterator
 
-from .errors import BadInput
+from .errors import BadInput, failed
+
+DEFAULT_RECORD_SECONDS = 60.0  # what reading one input may take in `polymae shard` (time_budget)
+
+
+class RecordTooSlow(BaseException):
+    """Raised into a reader that has spent its input's time budget (`time_budget`). Not an Exception:
+    a reader's own `except Exception` (laspy's, open3d's wrappers) must not take it for bad bytes."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None):
+    """Raise RecordTooSlow inside the code of this block once it has run `seconds` (None or 0: no
+    limit). The last guard against a reader that a damaged file sends round a loop its checks did
+    not foresee: a SIGALRM timer, so only in the main thread, and native code is interrupted only
+    when it hands back to Python."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RecordTooSlow(f"reading it took longer than its time budget of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def unit_name(unit) -> str:
+    """How an input unit is named in messages: a (path, key) pair by its path."""
+    return str(unit[0] if isinstance(unit, tuple) and unit else unit)
 
 
 def name_bytes(text: str) -> bytes:
@@ -51,6 +88,7 @@ class SourceSamples:
     def __init__(self, units: Iterable, expand: Callable[[object], Iterable], classes: Iterable[str] = ()):
         self.units, self.expand, self.classes = iter(units), expand, list(classes)
         self.pending: Iterator = iter(())
+        self.unit = None
 
     def __iter__(self) -> "SourceSamples":
         return self
@@ -60,11 +98,24 @@ class SourceSamples:
             try:
                 item = next(self.pending)
             except StopIteration:
-                self.pending = iter(self.expand(next(self.units)))  # next(units)'s StopIteration ends the source
+                self.unit = next(self.units)  # its StopIteration ends the source
+                try:
+                    self.pending = iter(self.expand(self.unit))
+                except (Exception, RecordTooSlow) as error:  # noqa: BLE001  (BadInput, or a reader's own)
+                    raise self.rejected(error) from None
                 continue
-            except BadInput:  # raised inside the unit's generator: that unit is done
+            except (Exception, RecordTooSlow) as error:  # noqa: BLE001  inside the unit's generator: it is done
                 self.pending = iter(())
-                raise
+                raise self.rejected(error) from None
             if isinstance(item, BadInput):
                 raise item
             return item
+
+    def rejected(self, error: BaseException) -> BadInput:
+        """A unit's error as the BadInput that names it: its own, a budget spent, or a reader's exception
+        (a string-typed array where numbers belong), which would otherwise end the whole source."""
+        if isinstance(error, BadInput):
+            return error
+        if isinstance(error, RecordTooSlow):
+            return BadInput(unit_name(self.unit), str(error), "too_slow")
+        return failed(unit_name(self.unit), "reading it failed", error, "unreadable_input")

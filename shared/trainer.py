@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .checkpoint import checkpoint_dirs, latest_checkpoint, load_state, newest_intact, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
-from .errors import CheckpointError, TrainingError, no_usable_records
+from .errors import CheckpointError, TrainingError, no_usable_records, writing
 from .kernels import chosen_paths, cpu_features, pin_paths
 from .memory import reuse_freed_memory
 from .tokens import Batch
@@ -364,8 +364,10 @@ class Trainer:
                   "epoch": self.epoch, "elapsed_s": now - self.started,
                   **{f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
                   "skipped": sum(self.skipped.values())}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        with writing(self.run_dir / "metrics.jsonl",
+                     lambda: f"the last intact checkpoint is {latest_checkpoint(self.run_dir)}"):
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
         for key in ("loss", "lr", "samples_per_s"):
             self.writer.add_scalar(f"train/{key}", record[key], self.step)
         self.bar.set_postfix(loss=f"{self.last_loss:.4f}", samples_s=f"{rate.item():.0f}", lr=f"{self.lr:.2e}")
@@ -404,4 +406,5 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             picture = self.picture_fn(batch.to("cpu"), outputs.map(lambda t: t.detach().float().cpu()))
-        picture.save(path)
+        with writing(path):
+            picture.save(path)

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -538,3 +539,147 @@ def test_a_stream_no_record_of_which_can_be_used_stops_with_one_line_in_every_mo
     kind = {"not_a_tar": "bad_shard=", "pipe_false": "bad_shard=", "unreachable_url": "bad_shard=",
             "undecodable": "corrupt_image=", "rejected_by_recipe": "too_small="}[data]
     assert kind in line, line
+
+
+# == 8. point files whose headers promise more than they hold; the time budget behind the checks =======
+
+
+@pytest.fixture(scope="module")
+def damaged_point_files(tmp_path_factory) -> Path:
+    """laspy's real scans (under the package's fetch helper) beside damaged ones: a 404-byte file of
+    `LASF` and random bytes, a PLY whose header claims 100,000 vertices over 20 of a real scan, the
+    same scan's header cut, and a string-typed .npy."""
+    import numpy as np
+
+    from polymae.modalities.pointcloud.adapters import fetch_laspy_test_scans, write_open3d, decode_points
+
+    scans = fetch_laspy_test_scans()
+    folder = tmp_path_factory.mktemp("points")
+    shutil.copy(scans / "simple.las", folder / "simple.las")
+    rng = np.random.default_rng(17)
+    (folder / "lasf.las").write_bytes(b"LASF" + rng.bytes(400))
+    (folder / "cut.las").write_bytes((scans / "simple.las").read_bytes()[:5000])
+    cloud = decode_points((scans / "simple.las").read_bytes(), ".las", "simple.las")
+    xyz = cloud.xyz[:20].astype(np.float32)
+    header = (b"ply\nformat binary_little_endian 1.0\nelement vertex 100000\nproperty float x\nproperty float y\n"
+              b"property float z\nend_header\n")
+    (folder / "claims.ply").write_bytes(header + xyz.tobytes())
+    ascii_rows = "".join(f"{x} {y} {z}\n" for x, y, z in xyz)
+    (folder / "claims_ascii.ply").write_text("ply\nformat ascii 1.0\nelement vertex 100000\nproperty float x\n"
+                                             f"property float y\nproperty float z\nend_header\n{ascii_rows}")
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([["a", "b", "c"]] * 10))
+    (folder / "strings.npy").write_bytes(buffer.getvalue())
+    return folder
+
+
+def test_point_files_promising_more_than_they_hold_are_rejected_at_once_and_the_rest_shards(
+        damaged_point_files, tmp_path, capsys):
+    """Before: the LASF file looped in laspy's VLR parsing (killed after 150 s), the PLY was read as
+    99,980 points at the origin (102 s), the string .npy ended the shard command with a ValueError."""
+    from polymae.pipelines.cli import main
+
+    start = time.perf_counter()
+    with within(60):
+        code = main(["shard", "pointcloud", str(damaged_point_files), str(tmp_path / "shards")])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert time.perf_counter() - start < 30
+    manifest = json.loads((tmp_path / "shards" / "train-manifest.json").read_text())
+    reasons = {Path(r["source"]).name: r["reason"] for r in manifest["rejected"]}
+    assert manifest["total"] == 1 and set(reasons) == {"lasf.las", "cut.las", "claims.ply", "claims_ascii.ply",
+                                                        "strings.npy"}, manifest
+    assert "do not fit a 404-byte file" in reasons["lasf.las"]
+    assert "header promises 100000 vertices" in reasons["claims.ply"] and "240 bytes" in reasons["claims.ply"]
+    assert "header promises 100000 vertices (one text line each)" in reasons["claims_ascii.ply"]
+    assert "holds <U1 values" in reasons["strings.npy"]
+    assert "header promises 1065 points" in reasons["cut.las"]
+    for name in reasons:
+        assert f"rejected {damaged_point_files / name}: " in out
+
+
+def test_a_reader_looping_on_a_damaged_file_is_stopped_by_the_time_budget(damaged_point_files, tmp_path,
+                                                                          monkeypatch):
+    """The last guard, with the header checks taken away: laspy loops on the LASF file again, and
+    the shard writer's per-record budget rejects that file as too_slow and shards the real scan."""
+    from polymae.modalities.pointcloud import adapters
+    from polymae.pipelines.shards import shard_source
+    from polymae.shared.registry import MODALITIES
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("lasf.las", "simple.las"):
+        shutil.copy(damaged_point_files / name, folder / name)
+    monkeypatch.setattr(adapters, "check_las_header", lambda data, source: None)
+    start = time.perf_counter()
+    with within(60):
+        manifests = shard_source(MODALITIES.get("pointcloud")(), str(folder), tmp_path / "shards", record_seconds=2)
+    assert time.perf_counter() - start < 20
+    (rejected,) = manifests["train"]["rejected"]
+    assert rejected["kind"] == "too_slow" and rejected["source"] == str(folder / "lasf.las")
+    assert "longer than its time budget of 2 s" in rejected["reason"]
+    assert manifests["train"]["total"] == 1
+
+
+# == 9. a full disk ===================================================================================
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_naming_it_and_the_intact_one_is_kept(
+        finished_run, digits_shards, tmp_path, capsys, monkeypatch):
+    """Before: an OSError traceback from safetensors (exit 1), the half-written temporary folder left."""
+    from polymae.pipelines.cli import main
+    from polymae.shared import checkpoint
+
+    run = copy_run(finished_run, tmp_path)
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    code = main(["pretrain", "--resume", str(run), "trainer.max_steps=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert f"no space left on device writing checkpoint {run / 'checkpoints' / 'step-000008'}" in line, line
+    assert f"the last intact checkpoint ({run / 'checkpoints' / 'step-000006'}) is kept" in line, line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002", "step-000004", "step-000006"] \
+        or sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert checkpoint_damage(run / "checkpoints" / "step-000006") is None
+
+
+def test_a_full_disk_at_the_metrics_or_the_shards_is_one_line_naming_the_file(digits_shards, tmp_path, capsys,
+                                                                              monkeypatch, digit_pngs):
+    from polymae.pipelines import shards as shards_module
+    from polymae.pipelines.cli import main
+    from polymae.shared import trainer
+
+    class FullFile:
+        def __init__(self, path, mode="r", *args, **kwargs):
+            self.handle = open(path, mode, *args, **kwargs)
+            self.full = Path(path).name == "metrics.jsonl"
+
+        def write(self, text):
+            return no_space() if self.full else self.handle.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(trainer, "open", FullFile, raising=False)
+    code = main(["pretrain", *tiny_run_overrides(digits_shards, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert f"no space left on device writing {tmp_path / 'digits_mae' / 'metrics.jsonl'}" in line, line
+    monkeypatch.undo()
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, (png, _) in enumerate(digit_pngs[:10]):
+        (folder / f"d{i}.png").write_bytes(png)
+    monkeypatch.setattr(shards_module.TarWriter, "write", no_space)
+    code = main(["shard", "image", str(folder), str(tmp_path / "shards"), "--option", "channels=1",
+                 "--option", "image_size=[8,8]", "--option", "patch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert f"no space left on device writing {tmp_path / 'shards' / 'train-000000.tar'}" in err, err
+    assert not list((tmp_path / "shards").glob(".*tmp*"))  # the half-written shard is gone
