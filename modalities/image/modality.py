@@ -1,6 +1,7 @@
 """The image modality: decode -> augment -> patchify, and a picture of reconstructions."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -13,7 +14,7 @@ from polymae.shared.tokens import Tokens
 
 from . import adapters
 from .augment import random_hflip, random_resized_crop, resize
-from .tokenizer import patchify, unpatchify
+from .tokenizer import PixelNormalisation, patchify, unpatchify
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -54,10 +55,6 @@ class ImageModality(Modality):
     Options = ImageOptions
     default_masker = "random"
 
-    def __init__(self, options: dict | None = None, **kwargs):
-        super().__init__(options, **kwargs)
-        self.affines: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
     def sources(self):
         return dict(adapters.BUILTIN_SOURCES)
 
@@ -91,31 +88,19 @@ class ImageModality(Modality):
         """uint8 patches: the workers ship bytes, `finish` normalises them where they are consumed."""
         return patchify(self.pixels(payload, generator, train), self.options.patch_size)
 
-    def value_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) over a token's p*p*C values (channel fastest): normalised = pixel * scale + shift.
-        Made once per device: `finish` runs on every batch."""
-        if device not in self.affines:
-            mean = torch.tensor(self.options.mean, device=device) * 255
-            std = torch.tensor(self.options.std, device=device) * 255
-            patch_pixels = self.options.patch_size ** 2
-            self.affines[device] = ((1 / std).repeat(patch_pixels), (-mean / std).repeat(patch_pixels))
-        return self.affines[device]
+    @functools.cached_property
+    def normalisation(self) -> PixelNormalisation:
+        return PixelNormalisation(self.options.mean, self.options.std, self.options.patch_size ** 2)
 
     def finish(self, tokens):
         """uint8 patches -> mean/std-normalised float32 (tokens that are float are finished already)."""
         if tokens.values.dtype != torch.uint8:
             return tokens
-        scale, shift = self.value_affine(tokens.values.device)
-        # one pass: uint8 x float32 promotes to float32 inside the op, no float copy of the pixels first
-        return replace(tokens, values=torch.addcmul(shift, tokens.values, scale))
+        return replace(tokens, values=self.normalisation.normalise(tokens.values))
 
     def untokenize(self, tokens):
         """Tokens (uint8 or normalised) -> uint8 image(s) [(B,) C, H, W] in pixel space."""
-        values = tokens.values
-        if values.dtype != torch.uint8:
-            scale, shift = self.value_affine(values.device)
-            values = ((values.float() - shift) / scale).round().clamp(0, 255).to(torch.uint8)
-        return unpatchify(values, tokens.grid, self.options.patch_size)
+        return unpatchify(self.normalisation.to_uint8(tokens.values), tokens.grid, self.options.patch_size)
 
     @property
     def d_in(self):

@@ -47,3 +47,32 @@ def unpatchify(values: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
     x = x.transpose(-4, -3)                    # (..., h, p, w, p, c)
     x = x.movedim(-1, -5)                      # (..., c, h, p, w, p)
     return x.reshape(*lead, c, h * patch, w * patch)
+
+
+class PixelNormalisation:
+    """uint8 pixels <-> mean/std-normalised float32 values of tokens of `pixels` pixels each, channel
+    fastest: normalised = pixel * scale + shift. The affine is made once per device, since it runs
+    on every batch (images, and video tubelets, whose tokens are pixels too)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], pixels: int):
+        self.mean, self.std, self.pixels = mean, std, pixels
+        self.affines: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def affine(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self.affines:
+            mean = torch.tensor(self.mean, device=device) * 255
+            std = torch.tensor(self.std, device=device) * 255
+            self.affines[device] = ((1 / std).repeat(self.pixels), (-mean / std).repeat(self.pixels))
+        return self.affines[device]
+
+    def normalise(self, values: Tensor) -> Tensor:
+        """uint8 -> float32 in one pass (uint8 x float32 promotes inside the op: no float copy first)."""
+        scale, shift = self.affine(values.device)
+        return torch.addcmul(shift, values, scale)
+
+    def to_uint8(self, values: Tensor) -> Tensor:
+        """Normalised (or already uint8) values -> uint8 pixels."""
+        if values.dtype == torch.uint8:
+            return values
+        scale, shift = self.affine(values.device)
+        return ((values.float() - shift) / scale).round().clamp(0, 255).to(torch.uint8)

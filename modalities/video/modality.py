@@ -2,6 +2,7 @@
 on every frame -> tubelets; frame strips and GIFs of reconstructions."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from polymae.modalities.image.augment import random_hflip, random_resized_crop, resize
+from polymae.modalities.image.tokenizer import PixelNormalisation
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
 from polymae.shared.patchify import patch_grid, patchify_3d, unpatchify_3d
@@ -83,10 +85,6 @@ class VideoModality(Modality):
     Options = VideoOptions
     default_masker = "tube"
     default_objective = {"pixel": {"weight": 1.0, "norm_pix": True}}
-
-    def __init__(self, options: dict | None = None, **kwargs):
-        super().__init__(options, **kwargs)
-        self.affines: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- adapters -----------------------------------------------------------
     def sources(self):
@@ -182,28 +180,20 @@ class VideoModality(Modality):
                            "wrong_dtype")
         return tubelets(self.frames(clip, generator, train), self.options.tubelet_size, self.options.patch_size)
 
-    def value_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) over a token's values (channel fastest): normalised = pixel * scale + shift."""
-        if device not in self.affines:
-            mean = torch.tensor(self.options.mean, device=device) * 255
-            std = torch.tensor(self.options.std, device=device) * 255
-            voxels = self.options.tubelet_size * self.options.patch_size ** 2
-            self.affines[device] = ((1 / std).repeat(voxels), (-mean / std).repeat(voxels))
-        return self.affines[device]
+    @functools.cached_property
+    def normalisation(self) -> PixelNormalisation:
+        return PixelNormalisation(self.options.mean, self.options.std,
+                                  self.options.tubelet_size * self.options.patch_size ** 2)
 
     def finish(self, tokens):
         if tokens.values.dtype != torch.uint8:
             return tokens
-        scale, shift = self.value_affine(tokens.values.device)
-        return replace(tokens, values=torch.addcmul(shift, tokens.values, scale))
+        return replace(tokens, values=self.normalisation.normalise(tokens.values))
 
     def untokenize(self, tokens):
         """Tokens (uint8 or normalised) -> uint8 clip(s) [(B,) T, C, H, W]."""
-        values = tokens.values
-        if values.dtype != torch.uint8:
-            scale, shift = self.value_affine(values.device)
-            values = ((values.float() - shift) / scale).round().clamp(0, 255).to(torch.uint8)
-        return untubelets(values, tokens.grid, self.options.tubelet_size, self.options.patch_size)
+        return untubelets(self.normalisation.to_uint8(tokens.values), tokens.grid, self.options.tubelet_size,
+                          self.options.patch_size)
 
     @property
     def d_in(self):
