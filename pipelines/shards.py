@@ -336,14 +336,21 @@ def shards_in_folder(folder: Path, prefix: str | None) -> list[str]:
     return sorted(str(path) for path in folder.glob(f"{prefix}-*.tar" if prefix else "*.tar"))
 
 
-def manifest_counts(shards: list[str]) -> int | None:
-    """The number of records in `shards` according to their folders' manifests, or None
-    when any shard is not listed in one (a URL, a hand-made tar)."""
+def shard_counts(shards: list[str]) -> dict[str, int]:
+    """{shard: its record count} for those of `shards` that their folders' manifests list (not a
+    URL or a hand-made tar): what a reader of the shard must find in it."""
     counts: dict[str, int] = {}
     for folder in {Path(shard).parent for shard in shards if not URL_SCHEME.match(shard)}:
         for manifest in folder.glob(manifest_name("*")):
             for shard in read_manifest(manifest):
                 counts[str(folder / shard["name"])] = shard["count"]
+    return {shard: counts[shard] for shard in shards if shard in counts}
+
+
+def manifest_counts(shards: list[str]) -> int | None:
+    """The number of records in `shards` according to their folders' manifests, or None
+    when any shard is not listed in one (a URL, a hand-made tar)."""
+    counts = shard_counts(shards)
     if any(shard not in counts for shard in shards):
         return None
     return sum(counts[shard] for shard in shards)

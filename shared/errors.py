@@ -35,13 +35,26 @@ class TrainingError(RuntimeError):
     the CLI prints it as one line."""
 
 
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """Skip counts by kind, `kind=count`; a kind counted per input (`kind:where`, as records missing
+    from a damaged shard are) is summed and names its inputs: missing_records=573 (a.tar: 191, ...)."""
+    totals: dict[str, int] = {}
+    where: dict[str, list[str]] = {}
+    for key, count in skipped.items():
+        kind, _, place = key.partition(":")
+        totals[kind] = totals.get(kind, 0) + count
+        if place:
+            where.setdefault(kind, []).append(f"{place}: {count}")
+    return ", ".join(f"{kind}={count}" + (f" ({', '.join(sorted(where[kind]))})" if kind in where else "")
+                     for kind, count in sorted(totals.items())) or "none counted"
+
+
 def no_usable_records(where: str, usable: int, skipped: dict) -> TrainingError:
     """The one message for data of which nothing can be used, with the bad records' counts by kind
     (the trainer after an epoch of skip reports, a data worker that cannot fill its batches)."""
-    kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(skipped.items())) or "none counted"
     return TrainingError(f"no record of the data could be used: {where} gave {usable} usable records and "
-                         f"{sum(skipped.values())} bad ones ({kinds}); check the shards and the recipe's "
-                         "modality options against them")
+                         f"{sum(skipped.values())} bad ones ({describe_skipped(skipped)}); check the shards and "
+                         "the recipe's modality options against them")
 
 
 class DiskFull(TrainingError):

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .checkpoint import checkpoint_dirs, latest_checkpoint, load_state, newest_intact, save_checkpoint
 from .config import TrainerConfig
 from .distributed import DistributedContext, all_gather_objects, all_reduce, barrier, wrap
-from .errors import CheckpointError, TrainingError, no_usable_records, writing
+from .errors import CheckpointError, TrainingError, describe_skipped, no_usable_records, writing
 from .kernels import chosen_paths, cpu_features, pin_paths
 from .memory import reuse_freed_memory
 from .tokens import Batch
@@ -219,7 +219,7 @@ class Trainer:
         """Stop the run when bad records pass `max_bad_fraction` (counts from `record_counts`)."""
         bad = sum(skipped.values())
         if bad + seen >= MIN_RECORDS_FOR_BAD_FRACTION and bad / (bad + seen) > self.config.max_bad_fraction:
-            raise TrainingError(f"{bad} of {bad + seen} records were bad ({skipped}), more than "
+            raise TrainingError(f"{bad} of {bad + seen} records were bad ({describe_skipped(skipped)}), more than "
                                 f"trainer.max_bad_fraction={self.config.max_bad_fraction}; fix the data or raise it")
 
     def guard_nonfinite(self, loss: torch.Tensor) -> bool:
@@ -379,8 +379,7 @@ class Trainer:
                    "records_seen": seen, "skipped": skipped, "nonfinite_steps": self.nonfinite_steps,
                    "world_size": self.context.world_size, **self.replica_check()}
         if skipped:
-            self.log(f"skipped {sum(skipped.values())} bad records: "
-                     + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+            self.log(f"skipped {sum(skipped.values())} bad records: {describe_skipped(skipped)}")
         self.check_bad_fraction(seen, skipped)
         return summary
 

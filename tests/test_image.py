@@ -425,8 +425,12 @@ def test_read_folder_with_class_subfolders(tmp_path, astronaut, coffee):
     (tmp_path / "ant" / "a1.jpeg").write_bytes(encode(coffee[100:164, 100:164], "JPEG"))
     (tmp_path / "moth" / "m1.png").write_bytes(encode(astronaut[200:232, 200:232], "PNG"))
     (tmp_path / "moth" / "notes.txt").write_text("not an image")
-    samples = list(read_source(str(tmp_path)))
+    from polymae.pipelines.shards import samples_recording_errors
+
+    rejected = []
+    samples = list(samples_recording_errors(read_source(str(tmp_path)), rejected.append))
     assert len(samples) == 4
+    assert [(error.source, error.kind) for error in rejected] == [(str(tmp_path / "moth" / "notes.txt"), "not_an_image")]
     by_key = {s["__key__"]: s for s in samples}
     assert set(by_key) == {"ant_a1", "moth_m1", "zebra_z1", "zebra_z2"}
     assert {k: int(s["cls"]) for k, s in by_key.items()} == {"ant_a1": 0, "moth_m1": 1, "zebra_z1": 2, "zebra_z2": 2}

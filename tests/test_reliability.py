@@ -683,3 +683,90 @@ def test_a_full_disk_at_the_metrics_or_the_shards_is_one_line_naming_the_file(di
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert f"no space left on device writing {tmp_path / 'shards' / 'train-000000.tar'}" in err, err
     assert not list((tmp_path / "shards").glob(".*tmp*"))  # the half-written shard is gone
+
+
+# == 10. records lost inside a damaged shard are counted as records ======================================
+
+
+@pytest.fixture
+def cut_shards(digits_shards, tmp_path) -> Path:
+    """The digits in shards of 100 records, three of them cut to 5% of their bytes."""
+    from polymae.pipelines.shards import write_shards
+    from polymae.pipelines.stream import read_shard
+
+    records = [{k: v for k, v in r.items() if k != "__url__"}
+               for shard in sorted(digits_shards.glob("train-*.tar")) for r in read_shard(str(shard))]
+    folder = tmp_path / "cut"
+    manifest = write_shards(records, folder, max_count=100)
+    for entry in manifest["shards"][:3]:
+        path = folder / entry["name"]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 20])
+    return folder
+
+
+def test_records_missing_from_truncated_shards_count_against_max_bad_fraction_and_are_named(
+        cut_shards, tmp_path, capsys):
+    """Before: each cut shard was one bad_shard, so 3 shards cut at 5% trained on the few records left
+    within the 10% limit. Now the records their manifest lists and reading did not deliver count."""
+    from polymae.pipelines.cli import main
+
+    manifest = json.loads((cut_shards / "train-manifest.json").read_text())
+    cut = [str(cut_shards / entry["name"]) for entry in manifest["shards"][:3]]
+    code = main(["pretrain", f"data.shards={cut_shards}", f"out_dir={tmp_path}", *TINY, "data.num_workers=1",
+                 "trainer.max_steps=40"])
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert code == 2 and "more than trainer.max_bad_fraction=0.1" in line, line
+    assert "missing_records=" in line and all(f"{shard}: " in line for shard in cut), line
+
+    # allowed by the recipe: the run trains, and its end-of-run report names the shards and their losses
+    summary = pretrain(load_config(None, [f"data.shards={cut_shards}", f"out_dir={tmp_path}", *TINY,
+                                          "data.num_workers=1", "trainer.max_steps=4", "trainer.max_bad_fraction=1"]))
+    out = capsys.readouterr().out
+    missing = {key: count for key, count in summary["skipped"].items() if key.startswith("missing_records:")}
+    assert set(missing) == {f"missing_records:{shard}" for shard in cut}
+    assert all(0 < count < 100 for count in missing.values())
+    report = [line for line in out.splitlines() if line.startswith("skipped ")]
+    assert report and all(shard in report[-1] for shard in cut), out[-2000:]
+
+
+# == 11. every file of an image folder is read or listed as rejected; decoded size is capped ===========
+
+
+def test_an_image_folder_reads_every_format_pil_reads_and_lists_the_other_files(tmp_path, digit_pngs, capsys):
+    """Before: .gif .webp .bmp .tiff (and any other file) were passed over without a word, and a
+    100-megapixel PNG of 100 kB was accepted, needing 1.3 GB to decode."""
+    from PIL import Image
+
+    from polymae.pipelines.cli import main
+    from polymae.pipelines.stream import read_shard
+    from polymae.shared.registry import MODALITIES
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    formats = {".gif": "GIF", ".webp": "WEBP", ".bmp": "BMP", ".tiff": "TIFF", ".tif": "TIFF", ".png": "PNG"}
+    for i, (png, _) in enumerate(digit_pngs[:12]):
+        suffix = list(formats)[i % len(formats)]
+        Image.open(io.BytesIO(png)).save(folder / f"d{i:02d}{suffix}", format=formats[suffix],
+                                         **({"lossless": True} if suffix == ".webp" else {}))
+    (folder / "README.txt").write_text("twelve digits")
+    Image.new("L", (10_000, 10_000)).save(folder / "huge.png")  # 100 megapixels, ~100 kB
+    assert (folder / "huge.png").stat().st_size < 200_000
+    with within(60):
+        code = main(["shard", "image", str(folder), str(tmp_path / "shards"), "--option", "channels=1",
+                     "--option", "image_size=[8,8]", "--option", "patch_size=2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    manifest = json.loads((tmp_path / "shards" / "train-manifest.json").read_text())
+    assert manifest["inputs"] == 14 and manifest["total"] == 12, manifest
+    reasons = {Path(r["source"]).name: (r["kind"], r["reason"]) for r in manifest["rejected"]}
+    assert reasons["README.txt"][0] == "not_an_image" and ".txt" in reasons["README.txt"][1]
+    assert reasons["huge.png"][0] == "too_large"
+    assert "10000x10000 (100.0 megapixels" in reasons["huge.png"][1] and "max_pixels=40000000" in reasons["huge.png"][1]
+    assert f"rejected {folder / 'README.txt'}" in out
+    # what was written decodes to the digits' own pixels, whatever the file format
+    modality = MODALITIES.get("image")({"channels": 1, "image_size": [8, 8], "patch_size": 2})
+    pixels = {r["__key__"]: modality.decode(r) for shard in (tmp_path / "shards").glob("train-*.tar")
+              for r in read_shard(str(shard))}
+    for i, (png, _) in enumerate(digit_pngs[:12]):
+        assert torch.equal(pixels[f"d{i:02d}"], modality.decode({"__key__": "x", "image.png": png})), i

@@ -1,7 +1,8 @@
 """Image dataset adapters: raw sources -> Samples, and Sample bytes -> pixels.
 
 A Sample is `{"__key__", "image.png" | "image.jpg": bytes, "cls": b"3"}`.
-Sources: a folder of jpg/png (flat, or one sub-folder per class for labels),
+Sources: a folder of images (jpg, png, gif, webp, bmp, tiff: flat, or one sub-folder per class for labels;
+its other files are listed as rejected),
 or a built-in source shipped inside a package:
   digits          scikit-learn's 1,797 handwritten digits (8x8, labelled)
   sklearn-photos  scikit-learn's two sample photos
@@ -21,7 +22,11 @@ from PIL import Image, UnidentifiedImageError
 from polymae.shared.errors import BadInput
 from polymae.shared.sources import SourceSamples, sample_key
 
-IMAGE_SUFFIXES = {".jpg": "image.jpg", ".jpeg": "image.jpg", ".png": "image.png"}
+# every still-image format PIL reads that a photo folder holds; an animated GIF or a multi-page
+# TIFF gives its first frame. Other files of a folder are listed as rejected, never passed over.
+IMAGE_SUFFIXES = {".jpg": "image.jpg", ".jpeg": "image.jpg", ".png": "image.png", ".gif": "image.gif",
+                  ".webp": "image.webp", ".bmp": "image.bmp", ".tif": "image.tiff", ".tiff": "image.tiff"}
+DEFAULT_MAX_PIXELS = 40_000_000  # decoded size cap: 40 megapixels are 120 MB of RGB (ImageOptions.max_pixels)
 BUILTIN_SOURCES = {
     "digits": "scikit-learn's 1,797 labelled handwritten digits (8x8 grey)",
     "sklearn-photos": "scikit-learn's two sample photos (china, flower)",
@@ -41,7 +46,7 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg_rgb(data: bytes) -> np.ndarray | None:
+def decode_jpeg_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
     """A JPEG's RGB pixels [H, W, 3] straight from libjpeg-turbo (simplejpeg), or None where
     it declines: not a JPEG, not coded as YCbCr or grey (CMYK and YCCK files convert to RGB
     with different rounding), damaged (strict: even a warning), or above PIL's
@@ -55,6 +60,8 @@ def decode_jpeg_rgb(data: bytes) -> np.ndarray | None:
         return None
     try:
         height, width, coding, _ = simplejpeg.decode_jpeg_header(data)
+        if height * width > max_pixels:
+            return None  # PIL reads the same header and names the size
         if coding not in JPEG_CODINGS_AS_PIL or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
             return None
         return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
@@ -69,10 +76,20 @@ def on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
-def decode_with_pil(data: bytes, source: str, channels: int) -> np.ndarray:
+def check_pixels(width: int, height: int, channels: int, source: str, max_pixels: int) -> None:
+    """An image's size from its header, before it is decoded: a 100-megapixel PNG is a 100 kB file."""
+    if width * height > max_pixels:
+        raise BadInput(source, f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels, "
+                       f"{width * height * channels / 2 ** 20:.0f} MiB decoded), more than "
+                       f"modality_options.max_pixels={max_pixels} allows; downscale it or raise max_pixels",
+                       "too_large")
+
+
+def decode_with_pil(data: bytes, source: str, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any format PIL reads -> uint8 [H, W] (grey) or [H, W, 3]; BadInput names `source` and the problem."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image.width, image.height, channels, source, max_pixels)  # the header's, not decoded
             image.load()
             if image.width == 0 or image.height == 0:
                 raise BadInput(source, f"image has zero size {image.width}x{image.height}", "empty_image")
@@ -93,7 +110,8 @@ def decode_with_pil(data: bytes, source: str, channels: int) -> np.ndarray:
         raise BadInput(source, f"cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from None
 
 
-def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> torch.Tensor:
+def decode_image(data: bytes, source: str, channels: int, min_side: int = 1,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Image bytes -> uint8 tensor [channels, H, W], channels-last in memory (a view of the
     H x W x C pixels, which PyTorch's vectorised uint8 resize wants); BadInput names
     `source` and the problem."""
@@ -102,9 +120,9 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
                        "wrong_channels")
     if not data:
         raise BadInput(source, "image file is empty (0 bytes)", "empty_image")
-    array = decode_jpeg_rgb(data) if channels == 3 else None
+    array = decode_jpeg_rgb(data, max_pixels) if channels == 3 else None
     if array is None:
-        array = decode_with_pil(data, source, channels)
+        array = decode_with_pil(data, source, channels, max_pixels)
     height, width = array.shape[:2]
     if min(height, width) < min_side:
         raise BadInput(source, f"image {width}x{height} is smaller than one {min_side}px patch "
@@ -116,6 +134,9 @@ def decode_image(data: bytes, source: str, channels: int, min_side: int = 1) -> 
 
 def folder_sample(root: Path, classes: list[str], path: Path) -> list[dict]:
     """One image file of a folder -> its sample (labelled by its class sub-folder, if any)."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise BadInput(str(path), f"is not an image file read here ({path.suffix or 'no suffix'}; images are "
+                       f"{' '.join(sorted(IMAGE_SUFFIXES))})", "not_an_image")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -137,8 +158,8 @@ def read_folder(root: Path) -> SourceSamples:
                        f"{', '.join(BUILTIN_SOURCES)})", "missing_source")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     # not is_dir(): a folder named x.png is no image; a dangling link stays, to be rejected by name
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-    if not files:
+    files = sorted(p for p in root.rglob("*") if not p.is_dir())
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
         raise BadInput(str(root), f"holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files", "missing_source")
     return SourceSamples(files, lambda path: folder_sample(root, classes, path), classes)
 

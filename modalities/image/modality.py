@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
+from polymae.shared.config import bounded
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
 from polymae.shared.registry import MODALITIES
@@ -21,14 +22,15 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass
 class ImageOptions:
-    image_size: tuple[int, int] = (224, 224)     # (height, width) fed to the model
-    patch_size: int = 16
+    image_size: tuple[int, int] = bounded((224, 224), 1)  # (height, width) fed to the model
+    patch_size: int = bounded(16, 1)
     channels: int = 3                            # 1 (grey) or 3 (RGB)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range (MAE: 0.2-1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_ratio: tuple[float, float] = bounded((3 / 4, 4 / 3), 0.0, low_open=True)
     hflip: bool = True
-    mean: tuple[float, ...] | None = None        # None: ImageNet's for RGB, 0.5 for grey
-    std: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = bounded(None)  # None: ImageNet's for RGB, 0.5 for grey
+    std: tuple[float, ...] | None = bounded(None, 0.0, low_open=True)  # a 0 would divide by zero
+    max_pixels: int = bounded(adapters.DEFAULT_MAX_PIXELS, 1)  # larger images are rejected from their header
 
     def __post_init__(self):
         if isinstance(self.image_size, int):
@@ -51,7 +53,7 @@ class ImageOptions:
 @MODALITIES.register("image")
 class ImageModality(Modality):
     name = "image"
-    payload_keys = ("image.jpg", "image.png", "jpg", "png", "jpeg")
+    payload_keys = (*dict.fromkeys(adapters.IMAGE_SUFFIXES.values()), "jpg", "png", "jpeg")
     Options = ImageOptions
     default_masker = "random"
 
@@ -64,7 +66,7 @@ class ImageModality(Modality):
     def decode(self, sample):
         key, data = self.payload(sample)
         return adapters.decode_image(data, f"{sample.get('__key__', '?')}.{key}", self.options.channels,
-                                     min_side=self.options.patch_size)
+                                     min_side=self.options.patch_size, max_pixels=self.options.max_pixels)
 
     # -- tokenizer --------------------------------------------------------
     def pixels(self, image: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:
