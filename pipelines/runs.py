@@ -18,6 +18,7 @@ from polymae.shared import distributed
 from polymae.shared.checkpoint import load_weights, process_is_running, resolve_checkpoint
 from polymae.shared.config import Config, build, load_config, merge, read_recipe, resume_changes
 from polymae.shared.errors import ConfigError, RunFolderInUse
+from polymae.shared.masking import Masker
 from polymae.shared.model import build_model
 from polymae.shared.objectives import LossTerms, Pretraining, layers_read
 from polymae.shared.modality import Modality
@@ -227,6 +228,20 @@ def prepare_modalities(config: Config, modalities: dict[str, Modality]) -> None:
         modality.prepare(folder, records)
 
 
+def stream_masker(config: Config, name: str, modality: Modality) -> Masker:
+    """A stream's masker, refused when it is made for another modality's tokens (`Masker.modalities`):
+    it would read coordinates or fields that mean something else there, and train on that silently."""
+    mask = config.stream_configs()[name].mask
+    made = MASKERS.get(mask.name or modality.default_masker)
+    fits = getattr(getattr(made, "func", made), "modalities", ())  # a class, or a partial of one
+    if fits and modality.name not in fits:
+        key = "mask.name" if not config.streams else f"streams.{name}.mask.name"
+        raise ConfigError(f"{key}: {mask.name!r} masks {' or '.join(fits)} streams, not {modality.name} ones; "
+                          f"a {modality.name} stream takes a generic masker (random, block, ...) or its own "
+                          f"(default {modality.default_masker!r})")
+    return modality.masker(mask.name, mask.ratio, mask.options)
+
+
 def build_parts(config: Config, start_weights: bool = True,
                 modalities: dict[str, Modality] | None = None) -> RunParts:
     """Each stream's modality (prepared on the shards) and masker, the model and its loss
@@ -235,10 +250,7 @@ def build_parts(config: Config, start_weights: bool = True,
     modalities = modalities or stream_modalities(config)
     prepare_modalities(config, modalities)
     stream_configs = config.stream_configs()
-    streams = [StreamSpec(name, modality, modality.masker(stream_configs[name].mask.name,
-                                                          stream_configs[name].mask.ratio,
-                                                          stream_configs[name].mask.options))
-               for name, modality in modalities.items()]
+    streams = [StreamSpec(name, modality, stream_masker(config, name, modality)) for name, modality in modalities.items()]
     torch.manual_seed(config.trainer.seed)
     decoders = {name: stream.decoder for name, stream in stream_configs.items()}
     parts = RunParts(config, streams, None)  # type: ignore[arg-type]

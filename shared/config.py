@@ -377,6 +377,9 @@ def read_recipe(path: str | Path) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (UnicodeDecodeError, ValueError) as err:  # a binary file; a NUL or other character YAML refuses
+        raise ConfigError(f"config file {path} is not a YAML text file ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
     return values

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .registry import MASKERS
 from .tokens import Mask, Tokens, hidden_count
 
@@ -30,6 +31,9 @@ class Masker:
     token (BERT-style maskers), instead of never seeing them (MAE)."""
 
     encoder_reads_hidden = False
+    # the modalities whose tokens carry what this masker reads (its own coordinates' meaning, fields
+    # or ids); empty: any stream's tokens. Checked where a stream's masker is made.
+    modalities: tuple[str, ...] = ()
 
     def __init__(self, ratio: float = 0.75):
         hidden_count(2, ratio)  # validates the ratio once, at construction
@@ -198,7 +202,7 @@ def build_masker(name: str, ratio: float, **options) -> Masker:
     try:
         return MASKERS.get(name)(ratio=ratio, **options)
     except TypeError as err:
-        raise ValueError(f"masker {name!r}: {err}") from None
+        raise ConfigError(f"mask.options: masker {name!r}: {err}") from None
 
 
 def split_visible_budget(real_tokens: list[int], visible: int, alpha: float,

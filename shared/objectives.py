@@ -18,12 +18,15 @@ mask names a decode subset) and real (padding excluded), `Batch.target_weights`.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import Bounds, _check_value as check_value
 from .errors import ConfigError
 from .model import Outputs, entered_positions, restore_stream
 from .registry import OBJECTIVES
@@ -140,6 +143,23 @@ def token_cross_entropy(logits: Tensor, ids: Tensor, weights: Tensor, label_smoo
     return F.cross_entropy(logits[chosen].float(), ids[chosen], label_smoothing=label_smoothing)
 
 
+def checked_options(term_class: type, options: dict, where: str) -> dict:
+    """A term's options against what its constructor declares: an unknown one is refused with the
+    allowed names, and a value of another type than the parameter's annotation with the key."""
+    signature = inspect.signature(term_class.__init__)
+    hints = typing.get_type_hints(term_class.__init__)
+    allowed = [n for n, p in signature.parameters.items() if n not in ("self", "stream", "model")
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in options.items():
+        if key not in allowed and not takes_any:
+            raise ConfigError(f"unknown config key '{where}.{key}'; allowed: weight, term, stream"
+                              + "".join(f", {n}" for n in allowed))
+        if key in hints:
+            options[key] = check_value(value, hints[key], f"{where}.{key}")
+    return options
+
+
 class LossTerms(nn.Module):
     """The recipe's weighted terms; `forward(outputs, batch) -> (total, {name: value})`."""
 
@@ -152,7 +172,11 @@ class LossTerms(nn.Module):
         for name, options in terms.items():
             options = dict(options)
             kind = options.pop("term", name)
-            self.weights[name] = float(options.pop("weight", 1.0))
+            weight = options.pop("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not Bounds(0.0).allows(weight):
+                raise ConfigError(f"objective.{name}.weight must be a number >= 0 (a negative weight turns the "
+                                  f"term into something to maximise); got {weight!r}")
+            self.weights[name] = float(weight)
             stream = options.pop("stream", None)
             if stream is None:
                 if len(streams) != 1:
@@ -164,6 +188,7 @@ class LossTerms(nn.Module):
                 term_class = OBJECTIVES.get(kind)
             except KeyError as error:
                 raise ConfigError(f"objective.{name}: {error.args[0]}") from None
+            options = checked_options(term_class, options, f"objective.{name}")
             if term_class.reads_model:
                 options["model"] = model
             try:

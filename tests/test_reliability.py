@@ -373,6 +373,7 @@ def wrong_types(kind) -> list[str]:
 
     allowed = set(typing.get_args(kind)) or {kind}
     allowed = {typing.get_origin(a) or a for a in allowed}
+    allowed = {a for a in allowed if isinstance(a, type)}  # a Literal's values are not types
     candidates = {int: ["1.5", "abc", "[1, 2]", "{a: 1}", "true"], float: ["abc", "[1, 2]", "{a: 1}", "true"],
                   bool: ["maybe", "3", "[true]"], str: ["3", "[a, b]", "{a: 1}"], dict: ["3", "abc", "[1]"],
                   tuple: ["3", "abc"]}
@@ -770,3 +771,82 @@ def test_an_image_folder_reads_every_format_pil_reads_and_lists_the_other_files(
               for r in read_shard(str(shard))}
     for i, (png, _) in enumerate(digit_pngs[:12]):
         assert torch.equal(pixels[f"d{i:02d}"], modality.decode({"__key__": "x", "image.png": png})), i
+
+
+# == 12. the keys declared outside the schema: modality options, objective terms, maskers, the file =====
+
+
+def test_every_modality_option_refuses_bad_values_with_a_config_error():
+    """Each registered modality's Options with values of each wrong type and just outside each
+    declared bound: a ConfigError naming the key, never another exception (patch_size=0 was a
+    ZeroDivisionError, image_size=[0,8] a RuntimeError from resize, std=[0] a run of NaN losses)."""
+    import dataclasses
+    import typing
+
+    import polymae.modalities  # noqa: F401
+    from polymae.shared.config import build
+    from polymae.shared.registry import MODALITIES
+
+    tried, crashed, accepted = 0, [], []
+    for name in MODALITIES.names():
+        options = MODALITIES.get(name).Options
+        if not dataclasses.is_dataclass(options):
+            continue
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            is_tuple = typing.get_origin(hints[f.name]) is tuple or tuple in map(typing.get_origin,
+                                                                                 typing.get_args(hints[f.name]))
+            for text in wrong_types(hints[f.name]) + out_of_bounds(f.metadata.get("bounds")):
+                if is_tuple and text.startswith("["):
+                    continue  # a list is what a tuple key takes
+                tried += 1
+                try:
+                    build(options, {f.name: yaml.safe_load(text)}, "modality_options")
+                    accepted.append((name, f.name, text))
+                except ConfigError as error:
+                    assert f.name in str(error), (name, f.name, text, str(error))
+                except Exception as error:  # noqa: BLE001
+                    crashed.append((name, f.name, text, repr(error)[:200]))
+    assert tried > 400 and not crashed and not accepted, (crashed, accepted)
+    for override in ("modality_options.patch_size=0", "modality_options.image_size=[0,8]",
+                     "modality_options.std=[0]", "modality_options.max_pixels=0"):
+        with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
+            from polymae.pipelines.runs import build_parts
+
+            build_parts(load_config(None, [*TINY, override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.pixel.bogus=1", "unknown config key 'objective.pixel.bogus'; allowed: weight, term, stream, norm_pix"),
+    ("objective.pixel.weight=-1", "objective.pixel.weight must be a number >= 0"),
+    ("objective.pixel.norm_pix=maybe", "objective.pixel.norm_pix: expected true or false"),
+    ("mask.name=radial", "mask.name: 'radial' masks pointcloud or lidar streams, not image ones"),
+    ("mask.name=bert", "mask.name: 'bert' masks text streams, not image ones"),
+    ("mask.options.bogus=1", "mask.options: masker 'random'"),
+    ("modality_options.std=[0]", "modality_options.std must be each > 0"),
+    ("modality_options.patch_size=0", "modality_options.patch_size must be >= 1"),
+])
+def test_values_of_keys_declared_outside_the_schema_are_one_line_exit_2(digits_shards, tmp_path, capsys, override,
+                                                                        message):
+    """Before: mask.name=radial trained on images, objective.pixel.weight=-1 trained towards a worse
+    reconstruction, std=[0] ran NaN losses, patch_size=0 was a ZeroDivisionError traceback."""
+    from polymae.pipelines.cli import main
+
+    code = main(["pretrain", f"data.shards={digits_shards}", f"out_dir={tmp_path}", *TINY, "trainer.max_steps=1",
+                 "modality_options.image_size=[8,8]", "modality_options.patch_size=2", "modality_options.channels=1",
+                 override])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert message in err, err
+    assert not (tmp_path / "digits_mae").exists()
+
+
+def test_a_binary_or_non_yaml_recipe_file_is_one_line_exit_2(tmp_path, capsys, digit_pngs):
+    from polymae.pipelines.cli import main
+
+    cases = {"digit.yaml": digit_pngs[0][0], "nul.yaml": b"name: x\x00\n", "list.yaml": b"- 1\n- 2\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        code = main(["pretrain", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / name) in err, (name, err)

@@ -41,6 +41,7 @@ class Drawn(NamedTuple):
 
 @MASKERS.register("graphmae")
 class GraphMAEMasker(Masker):
+    modalities = ("graph",)
     encoder_reads_hidden = True
 
     def __init__(self, ratio: float = 0.5, replace_rate: float = 0.05):

@@ -18,6 +18,7 @@ from polymae.shared.tokens import Tokens
 
 @MASKERS.register("point_block")
 class PointBlockMasker(Masker):
+    modalities = ("pointcloud", "lidar")
     """Point-MAE's block masking: a random seed group and the groups whose centres
     lie nearest to it are hidden (one contiguous blob of the cloud)."""
 
@@ -29,6 +30,7 @@ class PointBlockMasker(Masker):
 
 @MASKERS.register("radial")
 class RadialMasker(Masker):
+    modalities = ("pointcloud", "lidar")
     """R-MAE's radial masking: the sweep is split into `num_sectors` azimuth sectors
     around the sensor at `origin` (and, with `range_bins` > 1, each sector into
     equal-width range bins up to the farthest group), and whole cells are hidden

@@ -25,6 +25,7 @@ from polymae.shared.tokens import AS_ITSELF, Mask, Tokens
 
 
 class SubwordMasker(Masker):
+    modalities = ("text",)
     """Base of the text maskers: exact counts over maskable tokens, BERT's substitutions.
 
     A masker whose scores are plain uniform noise (`uniform_scores`: BERT, MEAP) takes a

@@ -54,6 +54,7 @@ def running_cell_maps(grid: tuple[int, int, int], decode_ratio: float) -> Tensor
 
 
 class VideoMasker(Masker):
+    modalities = ("video",)
     def __init__(self, ratio: float = 0.9, decode_ratio: float | None = None):
         super().__init__(ratio)
         if decode_ratio is not None and decode_ratio not in (0.25, 0.5, 0.75):

@@ -48,6 +48,7 @@ def class_split(total: int, n_first: int, n_second: int, first_ratio: float) -> 
 
 @MASKERS.register("voxel_aware")
 class VoxelAwareMasker(Masker):
+    modalities = ("voxel",)
     def __init__(self, ratio: float = 0.99, foreground_ratio: float | None = None,
                  background_ratio: float | None = None, channels: int | None = None, density_channel: int = -1,
                  threshold: float = 0.0):
