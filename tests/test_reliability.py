@@ -850,3 +850,17 @@ def test_a_binary_or_non_yaml_recipe_file_is_one_line_exit_2(tmp_path, capsys, d
         code = main(["pretrain", str(tmp_path / name)])
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / name) in err, (name, err)
+
+
+# == 13. a fuzz run over config values, file names and damaged files ===================================
+
+
+def test_a_short_fuzz_run_finds_no_traceback_hang_or_silent_loss():
+    """tests/fuzz_inputs.py (run it with a larger count by hand): every input either works or is the
+    one-line error kind of its layer, within its time budget, and a damaged shard's losses are counted."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fuzz_inputs import fuzz
+
+    counts = fuzz(count=60, seed=1)
+    assert counts["inputs"] == 60
+    assert (counts["tracebacks"], counts["hangs"], counts["silent_losses"]) == (0, 0, 0), counts["found"]
