@@ -138,9 +138,9 @@ def fmt(value, spec=".2f"):
 def train_step_section(r: dict) -> list[str]:
     rates = ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in r.get("matmul_gflops", {}).items())
     lines = ["### train_step: polymae vs Hugging Face ViTMAEForPreTraining", "",
-             f"vit-s: ViT-S/16 MAE at 224px (HF's architecture), norm-pix loss, batch 32; tiny: the default "
-             f"recipe's model (8x8 grey, 16 tokens, 192 x 6, decoder 128 x 2), pixel loss, batch 256. Mask 0.75, "
-             f"AdamW, forward + backward + step; {r.get('threads_note', '')}; CPU flags: amx "
+             f"vit-s: ViT-S/16 MAE at 224px (HF's architecture), norm-pix loss, batch 32, mask 0.75; tiny: the "
+             f"default recipe's model (8x8 grey, 16 tokens, 128 x 4, decoder 64 x 1), pixel loss, batch 64, "
+             f"mask 0.6. AdamW, forward + backward + step; {r.get('threads_note', '')}; CPU flags: amx "
              f"{'yes' if r.get('amx') else 'no'}, avx512_bf16 {'yes' if r.get('avx512_bf16') else 'no'}. "
              f"Matmul rate in-process (2048^3 torch.mm): {rates}.", "",
              "| shape | precision | HF img/s | polymae img/s | ratio | target | HF fwd/bwd/opt s | polymae fwd/bwd/opt s "
