@@ -78,7 +78,7 @@ def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(uneven_shards):
     with pytest.raises(ConfigError, match=f"{len(shards)} shards cannot feed 4 ranks x 2 workers"):
         batches_per_rank(config, shards, world_size=4)
     records = json.loads((uneven_shards / "train-manifest.json").read_text())["total"]
-    assert batches_per_rank(config, shards, world_size=2) == records // (2 * 256)
+    assert batches_per_rank(config, shards, world_size=2) == records // (2 * config.data.batch_size)
 
 
 def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missing(digits_shards, tmp_path):
