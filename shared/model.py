@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .kernels import KERNELS, linear, self_attention
+from .kernels import KERNELS, attention, linear, self_attention
 from .position import POSITIONS, build_position
 from .registry import DECODERS, ENCODERS, MODEL_SIZES
 from .tokens import AS_MASK_TOKEN, Batch, Tokens
@@ -107,10 +107,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """`attn_mask`: bool key-padding mask [B, 1, 1, N] (True = attend); `bias`: an additive
+        float bias [B or 1, heads, N, N] on the scores (2D-ALiBi, `position.distance_bias`)."""
         b, n, c = x.shape
         qkv = linear(x, self.qkv, self.kernels).view(b, n, 3, self.heads, c // self.heads)
-        return linear(self_attention(qkv, attn_mask, self.kernels), self.proj, self.kernels)
+        if bias is None:
+            return linear(self_attention(qkv, attn_mask, self.kernels), self.proj, self.kernels)
+        # the fused self-attention kernel takes a bool key mask only: a bias goes through attention()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, biased_mask(bias, attn_mask, q.dtype), self.kernels)
+        return linear(out.transpose(1, 2).reshape(b, n, c), self.proj, self.kernels)
+
+
+def biased_mask(bias: Tensor, keys: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """An additive attention mask: `bias` where `keys` (bool, True = attend) allows, the dtype's
+    lowest value where not (not -inf: a row with no key left stays finite, as with a bool mask)."""
+    bias = bias.to(dtype)
+    return bias if keys is None else bias.masked_fill(~keys, torch.finfo(dtype).min)
 
 
 class Block(nn.Module):
@@ -140,11 +154,11 @@ class Block(nn.Module):
         kept = torch.empty(x.shape[0], *[1] * (x.dim() - 1), device=x.device, dtype=update.dtype).bernoulli_(keep)
         return x + update * (kept / keep)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         if not self.norm_first:
-            x = self.norm1(self.residual(x, self.attn(x, attn_mask)))
+            x = self.norm1(self.residual(x, self.attn(x, attn_mask, bias)))
             return self.norm2(self.residual(x, self.feed_forward(x)))
-        x = self.residual(x, self.attn(self.norm1(x), attn_mask))
+        x = self.residual(x, self.attn(self.norm1(x), attn_mask, bias))
         return self.residual(x, self.feed_forward(self.norm2(x)))
 
 
@@ -406,13 +420,16 @@ class Outputs:
     streams: dict[str, dict[str, Tensor]]
     latent: Tensor
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    unimodal: Tensor | None = None  # a model with an encoder per stream before fusing them (CROMA):
+    #                                 their codes, laid out as `latent`
 
     def pred(self, stream: str) -> Tensor:
         return self.streams[stream]["pred"]
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "Outputs":
         return Outputs({s: {k: fn(v) for k, v in out.items()} for s, out in self.streams.items()}, fn(self.latent),
-                       {k: fn(v) for k, v in self.hidden_states.items()})
+                       {k: fn(v) for k, v in self.hidden_states.items()},
+                       None if self.unimodal is None else fn(self.unimodal))
 
 
 def init_weights(module: nn.Module) -> None:
@@ -584,6 +601,7 @@ def build_model(modalities: dict, decoders: dict[str, DecoderConfig], config: Mo
                 taps: tuple[int, ...] = ()) -> nn.Module:
     """The model a recipe names: `model.encoder` looked up in ENCODERS (a function of the
     streams' modalities, their decoder settings and the model config)."""
+    from . import fusion  # noqa: F401  (registers the croma encoder; imported here, it imports this module)
     try:
         builder = ENCODERS.get(config.encoder)
     except KeyError as error:

@@ -238,22 +238,32 @@ class StreamContrastive(Objective):
     to `dim`, normalised, and matched across the batch; the temperature is learnt.
 
     The projection heads and the temperature are this term's parameters: `Pretraining`
-    holds the term, so they are optimised and checkpointed with the model."""
+    holds the term, so they are optimised and checkpointed with the model.
+
+    `codes`: "latent", the encoder's output, or "unimodal", the codes of a model with an
+    encoder per stream before it fuses them (CROMA aligns those: Outputs.unimodal)."""
 
     reads_model = True
 
-    def __init__(self, stream: str, model: nn.Module, other: str, dim: int = 128, temperature: float = 0.07):
+    def __init__(self, stream: str, model: nn.Module, other: str, dim: int = 128, temperature: float = 0.07,
+                 codes: str = "latent"):
         super().__init__(stream)
         if other not in model.streams or other == stream:
             raise ConfigError(f"objective contrastive: other={other!r} must name another stream of {model.streams}")
+        if codes not in ("latent", "unimodal"):
+            raise ConfigError(f"objective contrastive: codes must be latent or unimodal; got {codes!r}")
+        if codes == "unimodal" and not getattr(model, "separate_stream_encoders", False):
+            raise ConfigError("objective contrastive: codes unimodal needs an encoder per stream (model.encoder: "
+                              "croma); this model has one encoder for all streams")
         width = model.config.width
-        self.other, self.prefix = other, model.num_prefix
+        self.other, self.prefix, self.codes = other, model.num_prefix, codes
         self.project = nn.ModuleDict({stream: nn.Linear(width, dim), other: nn.Linear(width, dim)})
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
     def pooled(self, outputs: Outputs, batch: Batch, stream: str) -> Tensor:
         """Mean of the encoder's codes over the tokens of `stream` that it read."""
-        codes = restore_stream(outputs.latent, self.prefix, batch, stream).float()
+        latent = outputs.unimodal if self.codes == "unimodal" else outputs.latent
+        codes = restore_stream(latent, self.prefix, batch, stream).float()
         entered = entered_positions(batch)
         if entered is None:  # every row read its first num_visible tokens in shuffle order
             entered = batch.mask.ids_restore < batch.mask.num_visible
@@ -263,9 +273,19 @@ class StreamContrastive(Objective):
             weights = weights * valid.float()
         return (codes * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
 
-    def forward(self, outputs, batch):
+    def logits(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """[B, B]: scaled cosine similarity of sample i's `stream` and sample j's `other` embedding."""
         a = F.normalize(self.project[self.stream](self.pooled(outputs, batch, self.stream)), dim=-1)
         b = F.normalize(self.project[self.other](self.pooled(outputs, batch, self.other)), dim=-1)
-        logits = self.log_scale.clamp(max=math.log(100)).exp() * a @ b.T
-        targets = torch.arange(len(a), device=a.device)
+        return self.log_scale.clamp(max=math.log(100)).exp() * a @ b.T
+
+    def forward(self, outputs, batch):
+        logits = self.logits(outputs, batch)
+        targets = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    def retrieval_accuracy(self, outputs: Outputs, batch: Batch) -> float:
+        """Top-1 retrieval of the paired stream within the batch, both ways averaged (chance: 1/B)."""
+        logits = self.logits(outputs, batch)
+        targets = torch.arange(len(logits), device=logits.device)
+        return float(((logits.argmax(1) == targets).float().mean() + (logits.argmax(0) == targets).float().mean()) / 2)

@@ -8,6 +8,8 @@ coords, so it serves pixel grids, tubelets, voxel cubes and time stamps alike.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -89,7 +91,38 @@ class MLPPosition(nn.Module):
         return self.net(coords)
 
 
-POSITIONS = ("sincos", "learned", "mlp")  # what build_position builds (model.position)
+class NoPosition(nn.Module):
+    """No position encoding: the model learns positions another way (an attention bias such as
+    2D-ALiBi, `distance_bias`) or is meant not to know them (MP3's position prediction)."""
+
+    def forward(self, coords: Tensor) -> Tensor:
+        return coords.new_zeros((), dtype=torch.float32)  # broadcasts onto the embedded tokens
+
+
+def alibi_slopes(heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al., "Train Short, Test Long"): a geometric sequence
+    2^(-8/H), 2^(-16/H), ... for a power-of-two H; otherwise those of the power of two below
+    H, then every other slope of the power of two above, as ALiBi's reference code does."""
+    def powers_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    below = 2 ** math.floor(math.log2(heads))
+    slopes = powers_of_two(below) + powers_of_two(2 * below)[0::2][:heads - below]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def distance_bias(query_coords: Tensor, key_coords: Tensor, slopes: Tensor) -> Tensor:
+    """2D-ALiBi (CROMA): an additive attention bias of -slope x the Euclidean distance between
+    token coordinates, one slope per head; coords [B, Nq, k] and [B, Nk, k] -> [B, H, Nq, Nk].
+    It depends on distances only, not on where a token sits, so a model trained on small grids
+    reads larger ones (no position table to outgrow); between two streams it is X-ALiBi."""
+    offsets = query_coords.float()[:, :, None] - key_coords.float()[:, None, :]
+    distance = offsets.square().sum(-1).sqrt()  # exact zeros on the diagonal (cdist's matmul path is not)
+    return -slopes.to(distance.device).view(1, -1, 1, 1) * distance[:, None]
+
+
+POSITIONS = ("sincos", "learned", "mlp", "none")  # what build_position builds (model.position)
 
 
 def build_position(kind: str, width: int, num_coords: int, grid: tuple[int, ...] | None = None) -> nn.Module:
@@ -101,4 +134,6 @@ def build_position(kind: str, width: int, num_coords: int, grid: tuple[int, ...]
         return LearnedPosition(width, grid)
     if kind == "mlp":
         return MLPPosition(width, num_coords)
+    if kind == "none":
+        return NoPosition()
     raise ValueError(f"unknown position encoding {kind!r}; one of {', '.join(POSITIONS)}")
