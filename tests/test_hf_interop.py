@@ -318,7 +318,8 @@ def test_a_run_exports_to_a_folder_hf_loads_and_starts_another_run(tmp_path, dig
     from polymae.shared.masking import build_masker
 
     recipe = [f"data.shards={digits_shards}", "data.source=null", f"out_dir={tmp_path}", "trainer.max_steps=5",
-              "data.num_workers=0", "probe.enabled=false", "model.depth=2", "model.layer_norm_eps=1e-12"]
+              "data.num_workers=0", "probe.enabled=false", "model.depth=2", "model.layer_norm_eps=1e-12",
+              "mask.ratio=0.75"]  # the exported config's mask_ratio is what HF masks the noise below with
     pretrain(load_config(None, recipe))
     run_dir = tmp_path / "digits_mae"
     assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
