@@ -37,7 +37,8 @@ class TrainingError(RuntimeError):
 
 def describe_skipped(skipped: dict[str, int]) -> str:
     """Skip counts by kind, `kind=count`; a kind counted per input (`kind:where`, as records missing
-    from a damaged shard are) is summed and names its inputs: missing_records=573 (a.tar: 191, ...)."""
+    from a damaged shard are) is summed and names its inputs: missing_records=573 [a.tar: 191, ...]
+    (brackets: the whole list often stands in parentheses of its own)."""
     totals: dict[str, int] = {}
     where: dict[str, list[str]] = {}
     for key, count in skipped.items():
@@ -45,7 +46,7 @@ def describe_skipped(skipped: dict[str, int]) -> str:
         totals[kind] = totals.get(kind, 0) + count
         if place:
             where.setdefault(kind, []).append(f"{place}: {count}")
-    return ", ".join(f"{kind}={count}" + (f" ({', '.join(sorted(where[kind]))})" if kind in where else "")
+    return ", ".join(f"{kind}={count}" + (f" [{', '.join(sorted(where[kind]))}]" if kind in where else "")
                      for kind, count in sorted(totals.items())) or "none counted"
 
 
