@@ -229,7 +229,7 @@ def resume_cli(run: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("overrides, listed", [
-    (["mask.ratio=0.5", "trainer.lr=0.001"], ["mask.ratio 0.75 -> 0.5", "trainer.lr 0.0015 -> 0.001"]),
+    (["mask.ratio=0.5", "trainer.lr=0.001"], ["mask.ratio 0.6 -> 0.5", "trainer.lr 0.0015 -> 0.001"]),
     (["mask.name=block"], ["mask.name 'random' -> 'block'"]),
     (["data.seed=3", "data.batch_size=8"], ["data.seed 0 -> 3", "data.batch_size 16 -> 8"]),
     (["trainer.seed=1", "trainer.warmup_steps=5"], ["trainer.seed 0 -> 1", "trainer.warmup_steps 2 -> 5"]),
