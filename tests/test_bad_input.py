@@ -17,14 +17,12 @@ from __future__ import annotations
 import io
 import json
 import re
-import signal
 import struct
 import subprocess
 import sys
 import tarfile
 import zlib
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from polymae.pipelines.stream import Loader, ShardStream, read_shard
 from polymae.shared.checkpoint import checkpoint_dirs, load_weights
 from polymae.shared.config import load_config
 from polymae.shared.errors import BadInput, ConfigError
+from polymae.shared.sources import time_budget
 from polymae.shared.trainer import Trainer, TrainingError
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -60,22 +59,6 @@ def encode(array: np.ndarray, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-@contextmanager
-def hard_timeout(seconds: float):
-    """A hang in Python code (tarfile, PIL's Python plugins) becomes a failure instead of a stuck test;
-    the hypothesis deadline catches anything merely slow."""
-    def fire(signum, frame):
-        raise TimeoutError(f"still running after {seconds}s: a hang on bad input")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +190,7 @@ def test_shard_cli_rejects_bad_files_in_a_folder_and_lists_them(tmp_path, photos
 @example(data=b"\x89PNG\r\n\x1a\n", channels=3).via("a bare PNG signature")
 @example(data=b"\xff\xd8\xff\xe0", channels=1).via("a bare JPEG start")
 def test_random_bytes_decode_or_raise_bad_input(data, channels):
-    with hard_timeout(20):
+    with time_budget(20):  # a hang on bad input fails the test instead of stalling it
         try:
             image = decode_image(data, "fuzz.bin", channels)
         except BadInput as error:
@@ -240,7 +223,7 @@ def test_damaged_jpegs_the_fast_decoder_reads_give_pils_pixels(real_bytes, cut, 
     data = bytearray(original[: max(4, int(cut * len(original)))])
     for where, value in flips:
         data[int(where * len(data))] = value
-    with hard_timeout(20):
+    with time_budget(20):  # a hang on bad input fails the test instead of stalling it
         fast = decode_jpeg_rgb(bytes(data))
         if fast is None:
             return
@@ -259,7 +242,7 @@ def test_truncated_and_flipped_images_decode_or_raise_bad_input(real_bytes, fmt,
     for where, value in flips:
         if data:
             data[int(where * len(data))] = value
-    with hard_timeout(20):
+    with time_budget(20):  # a hang on bad input fails the test instead of stalling it
         try:
             image = decode_image(bytes(data), f"astronaut.{fmt}", channels)
         except BadInput as error:
@@ -290,7 +273,7 @@ def read_damaged(path: Path, data: bytes) -> tuple[list[dict], BadInput | None]:
     damaged = path.with_name("damaged.tar")
     damaged.write_bytes(data)
     records, error = [], None
-    with hard_timeout(20):
+    with time_budget(20):  # a hang on bad input fails the test instead of stalling it
         try:
             for record in read_shard(str(damaged)):
                 records.append(record)
