@@ -357,7 +357,7 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict) -> dict:
         """Each stream's `modality.decode`, with a decoding library's own exception on odd bytes
-        (PIL can raise more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
+        (it can raise more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
         decoded = {}
         for spec in self.streams:
             try:

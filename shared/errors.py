@@ -19,7 +19,7 @@ class BadInput(ValueError):
 
 
 def failed(source: str, doing: str, error: BaseException, kind: str) -> BadInput:
-    """A library's own exception on odd input (PIL, laspy, numpy raise many kinds) as the BadInput
+    """A library's own exception on odd input (decoders and parsers raise many kinds) as the BadInput
     that names the input, so one strange file is one rejected input, never the end of a run."""
     text = str(error).strip()
     first = text.splitlines()[0][:300] if text else ""

@@ -22,7 +22,7 @@ DEFAULT_RECORD_SECONDS = 60.0  # what reading one input may take in `polymae sha
 
 class RecordTooSlow(BaseException):
     """Raised into a reader that has spent its input's time budget (`time_budget`). Not an Exception:
-    a reader's own `except Exception` (laspy's, open3d's wrappers) must not take it for bad bytes."""
+    a reader's own `except Exception` (a decoding library's wrapper) must not take it for bad bytes."""
 
 
 @contextlib.contextmanager
