@@ -20,9 +20,11 @@ head reads `model.features(batch)`, the one vector per sample probes read too:
 MAE's recipe is the default: AdamW (0.9, 0.999), layer-wise lr decay (a block's
 lr is `layer_decay ** (depth + 1 - its layer)` times the head's), stochastic
 depth in the encoder (`model.drop_path`), warmup then cosine, no weight decay on
-norms, biases, tokens and position tables. `mode: linear` is MAE's linear probe
+norms, biases, tokens and position tables; `augment:` adds each stream modality's own training
+augmentations, by the names the modality gives them (`Modality.with_augmentations`), drawn from
+each sample's generator so a run stays deterministic. `mode: linear` is MAE's linear probe
 instead: the encoder frozen, a BatchNorm without affine before the linear head,
-SGD with momentum. `--from-scratch` trains the same architecture from random
+SGD with momentum, or MAE's LARS (`optimizer: lars`). `--from-scratch` trains the same architecture from random
 init on the same budget: the comparison that says what pretraining bought.
 
 The run folder holds metrics.jsonl and TensorBoard scalars of the training loss
@@ -37,7 +39,7 @@ import json
 import math
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,7 @@ from .runs import RunLock, RunParts, build_parts, run_folder, split_shards, stre
 from .stream import Loader, ShardStream, read_shard
 
 TASKS = ("classification", "multilabel", "regression")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 @dataclass
@@ -75,7 +78,10 @@ class FinetuneConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9             # SGD's, in linear mode
+    optimizer: str | None = None      # adamw | sgd | lars; None: adamw in full mode, sgd in linear mode.
+    #                                   MAE's linear probe: lars, lr 0.1 * batch_size / 256, weight_decay 0
+    momentum: float = 0.9             # SGD's and LARS's
+    trust_coefficient: float = 0.001  # LARS's: a weight matrix's step is this share of its norm (times lr)
     layer_decay: float = 0.75         # MAE: 0.65 (ViT-B) to 0.75 (ViT-L/H); 1.0 turns it off
     drop_path: float = 0.1            # the encoder's stochastic depth (model.drop_path) while fine-tuning
     label_smoothing: float = 0.1
@@ -87,6 +93,8 @@ class FinetuneConfig:
     mixup: float = 0.0                # Beta(alpha, alpha) mixing weight of mixup (MAE: 0.8); 0 = off
     cutmix: float = 0.0               # Beta(alpha, alpha) of cutmix on the token grid (MAE: 1.0); 0 = off
     switch_prob: float = 0.5          # with both on: the share of batches cutmixed instead of mixed up
+    augment: dict = field(default_factory=dict)  # each stream modality's own training augmentations, by the
+    #                                   names it gives them (Modality.with_augmentations), drawn per sample
     ema: float | None = None          # decay of an exponential moving average of the weights, evaluated too
     eval_every: int = 100
     seed: int = 0
@@ -96,6 +104,10 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.head_norm not in ("batch", "layer", "none"):
             raise ConfigError(f"finetune.head_norm must be batch, layer or none; got {self.head_norm!r}")
+        if self.optimizer not in (None, *OPTIMIZERS):
+            raise ConfigError(f"finetune.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if not 0 < self.trust_coefficient <= 1 or not 0 <= self.momentum < 1:
+            raise ConfigError("finetune.trust_coefficient must be in (0, 1] and momentum in [0, 1)")
         if self.mode not in ("full", "linear"):
             raise ConfigError(f"finetune.mode must be full or linear; got {self.mode!r}")
         for name in ("steps", "eval_every"):
@@ -425,6 +437,39 @@ def confusion_picture(outputs: np.ndarray, targets: np.ndarray, path: Path) -> N
 # -- the trainer -------------------------------------------------------------------------------------------
 
 
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (its util/lars.py, for the linear probe): SGD with momentum whose step of a weight
+    matrix (ndim > 1) is its gradient plus weight decay rescaled to `trust_coefficient` times the
+    weight's norm; vectors (norms, biases) take the plain gradient. The state is `mu`, the momentum."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            for param in group["params"]:
+                update = param.grad
+                if update is None:
+                    continue
+                if param.ndim > 1:
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(param), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(param_norm > 0, torch.where(
+                        update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one), one)
+                    update = update.mul(trust)
+                state = self.state[param]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(param)
+                state["mu"].mul_(group["momentum"]).add_(update)
+                param.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
 class FinetuneTrainer(Trainer):
     """The shared Trainer with layer-wise lr scales, SGD for the linear probe, an optional EMA of
     the weights, and a held-out evaluation every `eval_every` steps and at the end. A resumed
@@ -436,7 +481,10 @@ class FinetuneTrainer(Trainer):
         super().__init__(module, config, run_dir, **kwargs)
         self.ft, self.evaluate = ft, evaluate
         groups = layer_decay_groups(self.model, config.weight_decay, ft.layer_decay if ft.mode == "full" else 1.0)
-        if ft.mode == "linear":
+        optimizer = ft.optimizer or ("adamw" if ft.mode == "full" else "sgd")
+        if optimizer == "lars":
+            self.optimizer = LARS(groups, lr=config.lr, momentum=ft.momentum, trust_coefficient=ft.trust_coefficient)
+        elif optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=ft.momentum)
         else:
             self.optimizer = make_adamw(groups, lr=config.lr, betas=tuple(config.betas))
@@ -499,6 +547,8 @@ def finetune(config: Config, ft: FinetuneConfig, resume: Path | None = None) -> 
 
 def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: ExitStack) -> dict:
     modalities = stream_modalities(config)
+    for modality in modalities.values():  # a key no stream's modality names stops the run here
+        modality.with_augmentations(ft.augment)
     train_shards, val_shards = split_shards(config, modalities)
     if not val_shards:
         raise ConfigError("fine-tuning scores a labelled held-out split: set data.val_shards or data.val_fraction")
@@ -534,7 +584,8 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
                                       label_reader)
         return metrics(ft.task, outputs, targets), (outputs, targets)
 
-    stream = ShardStream(train_shards, streams, batch_size=batch_size, train=True, shuffle_buffer=data.shuffle_buffer,
+    augmented = [spec._replace(modality=spec.modality.with_augmentations(ft.augment)) for spec in streams]
+    stream = ShardStream(train_shards, augmented, batch_size=batch_size, train=True, shuffle_buffer=data.shuffle_buffer,
                          seed=ft.seed, resampled=data.resampled, label_reader=label_reader)
     loader = Loader(stream, data.num_workers, device=context.device)
 

@@ -94,6 +94,15 @@ class Modality:
         modality's tokenizer), saved beside the shards so every later run reuses it.
         `records()` iterates the train shards' records. Default: nothing to fit."""
 
+    def with_augmentations(self, options: dict, where: str = "finetune.augment") -> "Modality":
+        """This modality with the extra training augmentations a fine-tuning recipe asks for
+        (`options`: keys the modality names and checks, drawn per sample from its generator); it
+        may be a copy, the original stays as it was. Default: none, so any key is refused."""
+        if options:
+            raise ConfigError(f"{where}: the {self.name} modality has no fine-tuning augmentations "
+                              f"(got {', '.join(map(str, options))})")
+        return self
+
     # -- masking ----------------------------------------------------------
     def masker(self, name: str | None, ratio: float, options: dict) -> Masker:
         """This stream's masker (`name`, default `default_masker`). A modality whose maskers need

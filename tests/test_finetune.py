@@ -1,16 +1,18 @@
 """`polymae finetune` on the digits: a pretrained encoder trained with a task head under MAE's
-fine-tuning recipe (layer-wise lr decay, stochastic depth, mixup / cutmix, label smoothing), the
-from-scratch baseline, MAE's linear probe, and bad starts and labels refused in one line."""
+fine-tuning recipe (layer-wise lr decay, stochastic depth, mixup / cutmix, label smoothing,
+RandAugment and random erasing), the from-scratch baseline, MAE's linear probe (SGD or LARS), and
+bad starts and labels refused in one line."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from polymae.pipelines.finetune import (FinetuneConfig, Finetuning, cutmix_box, finetune, finetune_recipe,
+from polymae.pipelines.finetune import (LARS, FinetuneConfig, Finetuning, cutmix_box, finetune, finetune_recipe,
                                         layer_decay_groups, resumed_finetune_recipe, task_head)
 from polymae.pipelines.pretrain import pretrain
 from polymae.shared.checkpoint import checkpoint_dirs
@@ -149,6 +151,8 @@ def test_bad_starts_and_labels_are_one_line_errors(pretrained, tmp_path, capsys)
     empty = tmp_path / "empty_run"
     empty.mkdir()
     cases = {(empty,): "neither a checkpoint folder nor a run folder with checkpoints",
+             (pretrained, "finetune.augment.randaug_q=2"): "unknown config key 'finetune.augment.randaug_q'",
+             (pretrained, "finetune.augment.randaug_m=11"): "finetune.augment.randaug_m must be",
              (pretrained, "finetune.classes=5"): "class 5 is outside the head's 0..4",
              (pretrained, "finetune.task=regression", "finetune.label=value.json"): "needs labels"}
     for args, message in cases.items():
@@ -171,3 +175,127 @@ def test_a_graph_encoder_fine_tunes_to_regress_molecule_solubility(tmp_path):
     assert (ft.task, ft.label, config.model.encoder) == ("regression", "value.json", "gin")
     summary = finetune(config, ft)
     assert 0 < summary["last"]["rmse"] < 1.6, summary["evaluations"]   # SOL spans -11.6..1.6 log mol/L, std 2.1: the mean guesses 2.1
+
+
+# -- RandAugment and random erasing (the image modality's fine-tuning augmentations) -------------------
+
+def test_randaugment_ops_match_pil_on_a_real_photo():
+    """Each op of timm's increasing RandAugment set, written in torch, against PIL's own ImageOps /
+    ImageEnhance / Image.transform on scikit-learn's photo of a Chinese temple (96 x 64)."""
+    from PIL import ImageEnhance, ImageOps
+    from sklearn.datasets import load_sample_image
+
+    from polymae.modalities.image.augment import RANDAUGMENT_OPS, rand_augment
+
+    photo = Image.fromarray(load_sample_image("china.jpg")).resize((96, 64), Image.BILINEAR)
+    x = torch.from_numpy(np.array(photo)).permute(2, 0, 1).contiguous()
+    level, grey = 0.7, (128, 128, 128)
+    factor = 1 + 0.9 * level
+
+    def affine(matrix):
+        return photo.transform(photo.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=grey)
+
+    expected = {
+        "AutoContrast": ImageOps.autocontrast(photo), "Equalize": ImageOps.equalize(photo),
+        "Invert": ImageOps.invert(photo), "PosterizeIncreasing": ImageOps.posterize(photo, 4 - int(level * 4)),
+        "SolarizeIncreasing": ImageOps.solarize(photo, 256 - int(level * 256)),
+        "SolarizeAdd": Image.fromarray(np.where(np.array(photo) < 128, np.minimum(np.array(photo).astype(int)
+                                                + int(level * 110), 255), np.array(photo)).astype(np.uint8)),
+        "ColorIncreasing": ImageEnhance.Color(photo).enhance(factor),
+        "ContrastIncreasing": ImageEnhance.Contrast(photo).enhance(factor),
+        "BrightnessIncreasing": ImageEnhance.Brightness(photo).enhance(factor),
+        "SharpnessIncreasing": ImageEnhance.Sharpness(photo).enhance(factor),
+        "Rotate": photo.rotate(30 * level, resample=Image.BILINEAR, fillcolor=grey),
+        "ShearX": affine((1, 0.3 * level, 0, 0, 1, 0)), "ShearY": affine((1, 0, 0, 0.3 * level, 1, 0)),
+        "TranslateXRel": affine((1, 0, 0.45 * level * 96, 0, 1, 0)),
+        "TranslateYRel": affine((1, 0, 0, 0, 1, 0.45 * level * 64)),
+    }
+    assert set(expected) == set(RANDAUGMENT_OPS)
+    for name, reference in expected.items():
+        ours = rand_augment(x, [(name, level, False)], torch.tensor(grey, dtype=torch.float32))
+        assert ours.dtype == torch.uint8 and ours.shape == x.shape
+        error = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - np.array(reference).astype(int))
+        assert not np.array_equal(ours.numpy(), x.numpy()), name                 # it does something
+        if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):  # edges resample apart
+            assert (error <= 1).mean() > 0.95 and error.mean() < 1.5, (name, error.mean())
+        else:
+            assert error.max() <= 1, (name, error.max())                       # PIL's rounding
+
+
+def digit_images(digits_shards, count=16):
+    from polymae.modalities.image.modality import ImageModality
+    from polymae.pipelines.shards import resolve_shards
+    from polymae.pipelines.stream import read_shard
+
+    modality = ImageModality({"image_size": [8, 8], "patch_size": 2, "channels": 1, "crop_scale": [1.0, 1.0],
+                              "hflip": False})
+    records = [r for shard in resolve_shards(digits_shards, prefix="train") for r in read_shard(shard)][:count]
+    return modality, [modality.decode(r) for r in records]
+
+
+def test_finetune_augmentations_are_drawn_from_each_samples_own_generator(digits_shards):
+    modality, images = digit_images(digits_shards)
+    assert modality.with_augmentations({}) is modality and modality.with_augmentations({"randaug_n": 0}) is modality
+    augmented = modality.with_augmentations({"randaug_n": 2, "randaug_m": 9, "erase_prob": 0.25})
+    assert augmented is not modality and modality.augmentations is None      # the original keeps its pixels
+
+    def pixels(which, seed, train=True):
+        return [which.pixels(image, torch.Generator().manual_seed(seed + i), train) for i, image in enumerate(images)]
+
+    plain, first, again, other = pixels(modality, 0), pixels(augmented, 0), pixels(augmented, 0), pixels(augmented, 99)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))               # the same seeds, the same pixels
+    changed = sum(not torch.equal(a, b) for a, b in zip(plain, first))
+    assert changed >= len(images) // 2, changed                              # 2 ops at p 0.5, then erasing
+    assert sum(not torch.equal(a, b) for a, b in zip(first, other)) >= len(images) // 2
+    assert all(torch.equal(a, b) for a, b in zip(pixels(modality, 0, False), pixels(augmented, 0, False)))
+    assert all(p.dtype == torch.uint8 and p.shape == (1, 8, 8) for p in first)
+
+    erasing = modality.with_augmentations({"erase_prob": 1.0})
+    for before, after in zip(plain, pixels(erasing, 0)):                      # one box of noise, the rest kept
+        rows, cols = (before != after)[0].nonzero(as_tuple=True)
+        assert len(rows) >= 1
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert box <= 64 / 3 + 8 and torch.equal(before[0][:rows.min()], after[0][:rows.min()])
+    with pytest.raises(ConfigError, match="finetune.augment.erase_prob must be"):
+        modality.with_augmentations({"erase_prob": 2})
+
+
+def test_a_modality_without_augmentations_refuses_them():
+    from polymae.shared.registry import MODALITIES
+    import polymae.modalities  # noqa: F401
+
+    graph = MODALITIES.get("graph")()
+    assert graph.with_augmentations({}) is graph
+    with pytest.raises(ConfigError, match="the graph modality has no fine-tuning augmentations"):
+        graph.with_augmentations({"randaug_n": 2})
+
+
+# -- LARS (MAE's linear probe) ----------------------------------------------------------------------------
+
+def test_lars_scales_a_matrix_step_to_its_trust_ratio_and_steps_vectors_plainly():
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))   # norm 5
+    bias = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    optimizer = LARS([{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}],
+                     lr=0.5, momentum=0.9, trust_coefficient=0.01)
+    weight.grad, bias.grad = torch.tensor([[0.0, 0.0], [6.0, 8.0]]), torch.tensor([2.0, 2.0])
+    optimizer.step()
+    update = torch.tensor([[0.3, 0.4], [6.0, 8.0]])                        # grad + 0.1 * weight
+    expected = torch.tensor([[3.0, 4.0], [0.0, 0.0]]) - 0.5 * 0.01 * 5 / update.norm() * update
+    assert torch.allclose(weight, expected) and torch.allclose(bias, torch.tensor([0.0, -2.0]))
+    weight.grad, bias.grad = torch.zeros(2, 2), torch.tensor([1.0, 0.0])    # momentum carries the last step
+    optimizer.step()
+    assert torch.allclose(bias, torch.tensor([0.0, -2.0]) - 0.5 * (0.9 * torch.tensor([2.0, 2.0]) + torch.tensor([1.0, 0.0])))
+
+
+def test_lars_linear_probe_trains_the_head_of_a_bitwise_frozen_encoder(pretrained, tmp_path):
+    """MAE's linear probe: LARS, no weight decay, a BatchNorm without affine before the head."""
+    config, ft = quick(pretrained, f"out_dir={tmp_path}", "finetune.mode=linear", "finetune.optimizer=lars",
+                       "finetune.lr=0.1", "finetune.weight_decay=0", "finetune.trust_coefficient=0.01",
+                       "finetune.steps=60", "finetune.eval_every=60", "finetune.mixup=0", "finetune.cutmix=0")
+    summary = finetune(config, ft)
+    start = load_file(str(checkpoint_dirs(pretrained)[-1] / "model.safetensors"))
+    after = load_file(str(checkpoint_dirs(tmp_path / "digits_mae_linear")[-1] / "model.safetensors"))
+    encoder = [k for k in start if k.startswith("model.")]
+    assert encoder and all(torch.equal(start[k], after[k]) for k in encoder)   # every pretrained weight frozen
+    assert "head.0.weight" not in after and after["head.1.weight"].shape == (10, 64)
+    assert summary["last"]["top1"] > 0.3, summary["evaluations"]               # 10 classes: chance 0.1
