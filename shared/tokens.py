@@ -393,7 +393,9 @@ def collate(items: list[tuple[dict[str, Tokens], dict[str, Mask] | None, Any, st
     if mask is None:
         visible = [m.num_visible for m in masks]
     labels = [lab for _, _, lab, _ in items]
-    if all(lab is not None for lab in labels):
+    if all(isinstance(lab, (bool, int, float)) for lab in labels):  # class indices, values: one tensor at once
+        columns["labels"] = torch.tensor(labels)
+    elif all(lab is not None for lab in labels):
         columns["labels"] = [torch.as_tensor(lab) for lab in labels]
     out = dict(zip(columns, stack_batch(list(columns.values()), allocate, [fills.get(c) for c in columns])))
 

@@ -134,6 +134,27 @@ def test_maskers_hide_exactly_15_percent_of_regular_subwords_never_specials(text
     assert 0.06 < substitutes["random"] / total < 0.14 and 0.06 < substitutes["kept"] / total < 0.14
 
 
+@pytest.mark.parametrize("name", ["bert", "meap"])
+def test_a_batch_masked_at_once_is_each_text_masked_alone(text, fortunes, name):
+    """The stream masks a one-stream text batch in one `stacked` call: it must give, bit for
+    bit, what collating each text's own mask gives, whatever else shares the batch."""
+    masker = text.masker(name, 0.15, {})
+    tokens = tokens_of(text, fortunes[:40])
+    seeds = list(range(100, 140))
+    assert len({t.num_tokens for t in tokens}) > 5                    # a ragged batch: padding in play
+    for chosen in (list(range(40)), list(range(0, 40, 3)), [7]):
+        alone = collate([({"text": tokens[i]}, {"text": masker(tokens[i], torch.Generator().manual_seed(seeds[i]))},
+                          None, str(i)) for i in chosen])
+        stacked = masker.stacked([tokens[i] for i in chosen], [torch.Generator().manual_seed(seeds[i]) for i in chosen])
+        together = collate([({"text": tokens[i]}, None, None, str(i)) for i in chosen], mask=stacked)
+        for part in ("hidden", "ids_shuffle", "ids_restore", "substitute", "keep_valid"):
+            a, b = getattr(alone.mask, part), getattr(together.mask, part)
+            assert (a is None and b is None) or torch.equal(a, b), (part, chosen)
+        assert alone.mask.num_visible == together.mask.num_visible
+    padded = Tokens(ids=tokens[0].ids, fields=tokens[0].fields, valid=torch.ones(tokens[0].num_tokens, dtype=torch.bool))
+    assert masker.stacked([padded], [torch.Generator()]) is None      # padded texts take the general path
+
+
 def test_span_masking_hides_runs_of_whole_words(text, fortunes):
     masker = text.masker("span", 0.3, {})
     runs, hidden_total = 0, 0

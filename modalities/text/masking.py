@@ -19,9 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polymae.shared.masking import Masker
+from polymae.shared.masking import Masker, counter_uniforms
 from polymae.shared.registry import MASKERS
 from polymae.shared.tokens import AS_ITSELF, Mask, Tokens
+
+# the substitute draws' counters sit far above any position's, so the two never share a draw
+SUBSTITUTE_COUNTERS = np.uint64(1 << 32)
 
 
 class SubwordMasker(Masker):
@@ -29,10 +32,11 @@ class SubwordMasker(Masker):
     """Base of the text maskers: exact counts over maskable tokens, BERT's substitutions.
 
     A masker whose scores are plain uniform noise (`uniform_scores`: BERT, MEAP) takes a
-    fast path for a text without padding: one float64 draw per maskable token ranks them
-    (the lowest `num_hidden` draws are hidden: the same uniform choice of a subset the
-    scores give) and one per hidden token picks its substitute; the index work is numpy
-    on a few dozen sub-words, where a torch call costs several microseconds each."""
+    fast path for texts without padding, alone or a whole batch at once (`stacked`): one
+    counter-based float64 draw per position ranks the maskable ones (the lowest `num_hidden`
+    are hidden: the same uniform choice of a subset the scores give) and one more picks a
+    hidden one's substitute; numpy over the batch, where a torch call per text costs
+    several microseconds each."""
 
     encoder_reads_hidden = True
     uniform_scores = False  # scores() is i.i.d. uniform noise: the fast path draws the same choice
@@ -51,58 +55,91 @@ class SubwordMasker(Masker):
         maskable = torch.ones(tokens.num_tokens, dtype=torch.bool) if special is None else ~special
         return maskable if tokens.valid is None else maskable & tokens.valid
 
-    def count(self, maskable: int, num_hidden: int | None) -> int:
+    def count(self, maskable, num_hidden=None):
         """How many of `maskable` sub-words to hide: round(ratio x maskable), at least one, as
-        BERT's data collator counts (or the caller's `num_hidden`, at most `maskable`)."""
+        BERT's data collator counts (or the caller's `num_hidden`, at most `maskable`). Ints,
+        or numpy arrays of them (a batch's rows)."""
         if num_hidden is None:
-            num_hidden = max(1, int(round(self.ratio * maskable))) if maskable else 0
-        return min(num_hidden, maskable)
+            num_hidden = np.where(maskable > 0, np.maximum(1, np.rint(self.ratio * maskable)), 0)
+        return np.minimum(num_hidden, maskable).astype(np.int64)
 
     def __call__(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None = None) -> Mask:
         if self.uniform_scores and tokens.valid is None and tokens.ids is not None and tokens.ids.dim() == 1:
             return self.uniform_mask(tokens, generator, num_hidden)
         maskable = self.maskable(tokens)
-        count = self.count(int(maskable.sum()), num_hidden)
+        count = int(self.count(int(maskable.sum()), num_hidden))
         scores = self.scores(tokens, generator).float().masked_fill(~maskable, -math.inf)
         mask = Mask.from_scores(scores, count, tokens.valid, encoder_reads_hidden=True)
         chosen = mask.hidden.nonzero().flatten().numpy()
-        u = torch.rand(len(chosen), generator=generator, dtype=torch.float64).numpy()
-        mask.substitute = torch.from_numpy(self.substitutes(tokens.num_tokens, chosen, u))
+        substitute = np.full(tokens.num_tokens, AS_ITSELF, dtype=np.int64)
+        substitute[chosen] = self.substitute_ids(torch.rand(len(chosen), generator=generator, dtype=torch.float64).numpy())
+        mask.substitute = torch.from_numpy(substitute)
         return mask
 
     def uniform_mask(self, tokens: Tokens, generator: torch.Generator, num_hidden: int | None) -> Mask:
-        """The fast path (see the class docstring) for one unpadded text."""
+        """The fast path (see the class docstring) for one unpadded text: `uniform_batch` of it alone."""
         n = tokens.num_tokens
         special = tokens.fields.get("special")
-        positions = np.arange(n) if special is None else (~special.numpy()).nonzero()[0]
-        maskable = len(positions)
-        count = self.count(maskable, num_hidden)
-        draws = torch.rand(maskable + count, generator=generator, dtype=torch.float64).numpy()
-        if count < maskable:  # the `count` lowest draws: a uniformly random subset of that size
-            positions = positions[np.argpartition(draws[:maskable], count)[:count]] if count else positions[:0]
-        hidden = np.zeros(n, dtype=bool)
-        hidden[positions] = True
+        maskable = np.ones((1, n), dtype=bool) if special is None else ~special.numpy()[None]
+        counts = None if num_hidden is None else np.array([num_hidden])
+        hidden, substitute = self.uniform_batch(maskable, np.array([generator.initial_seed()], dtype=np.uint64),
+                                                counts)
         order = torch.from_numpy(np.arange(n))  # every token an encoder input, in order: its own inverse
-        return Mask(hidden=torch.from_numpy(hidden), ids_shuffle=order, ids_restore=order, num_visible=n,
-                    substitute=torch.from_numpy(self.substitutes(n, positions, draws[maskable:])))
+        return Mask(hidden=torch.from_numpy(hidden[0]), ids_shuffle=order, ids_restore=order, num_visible=n,
+                    substitute=torch.from_numpy(substitute[0]))
 
-    def substitutes(self, n: int, chosen: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """BERT's corruption of the hidden tokens `chosen` (indices), from one uniform draw
-        `u` each: [MASK] below mask_share, then a random regular sub-word for the next
-        random_share (the draw's place in that interval picks it, uniformly: a float64 draw
-        has 53 bits, far more than a vocabulary needs), else the token itself.
-        Returns long [n]: AS_ITSELF everywhere but at the [MASK] and random ones. (A text
-        hides a handful of sub-words: a Python loop over them beats numpy's per-call cost.)"""
-        substitute = np.empty(n, dtype=np.int64)
-        substitute.fill(AS_ITSELF)
-        if len(chosen):
-            as_mask, as_random, mask_id = self.mask_share, self.mask_share + self.random_share, self.mask_id
-            first, scale = self.first_regular_id, (self.vocab_size - self.first_regular_id) / max(self.random_share, 1e-300)
-            last = self.vocab_size - 1
-            substitute[chosen] = [mask_id if x < as_mask else
-                                  min(first + int((x - as_mask) * scale), last) if x < as_random else AS_ITSELF
-                                  for x in u.tolist()]
-        return substitute
+    def stacked(self, tokens: list[Tokens], generators: list[torch.Generator],
+                num_hidden: list[int] | None = None) -> Mask | None:
+        """A one-stream batch of unpadded texts masked at once (`Masker.stacked`): the [B, N_max]
+        arrays `collate` would stack of each text's `uniform_mask`, bit for bit, in a few
+        vectorised passes for the batch instead of a dozen small array calls per text."""
+        if not self.uniform_scores or any(t.valid is not None or t.ids is None or t.ids.dim() != 1 for t in tokens):
+            return None
+        lengths = np.array([t.num_tokens for t in tokens])
+        rows, width = len(tokens), int(lengths.max())
+        real = np.arange(width)[None, :] < lengths[:, None]
+        maskable = np.zeros((rows, width), dtype=bool)
+        if "special" in tokens[0].fields:
+            maskable[real] = ~torch.cat([t.fields["special"] for t in tokens]).numpy()
+        else:
+            maskable[real] = True
+        seeds = np.array([g.initial_seed() for g in generators], dtype=np.uint64)
+        hidden, substitute = self.uniform_batch(maskable, seeds, None if num_hidden is None else np.array(num_hidden))
+        order = torch.arange(width).expand(rows, width)  # `collate` copies it into the batch's block
+        keep_valid = None if lengths.min() == width else torch.from_numpy(real)
+        return Mask(hidden=torch.from_numpy(hidden), ids_shuffle=order, ids_restore=order,
+                    num_visible=width, keep_valid=keep_valid, substitute=torch.from_numpy(substitute))
+
+    def uniform_batch(self, maskable: np.ndarray, seeds: np.ndarray,
+                      num_hidden: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(hidden, substitute) [B, N] of texts whose maskable sub-words are `maskable` [B, N]:
+        in each row the `count` maskable positions of lowest draw are hidden (a uniformly
+        random subset of that size) and each hidden one gets BERT's substitute. The draws are
+        counter-based (`counter_uniforms`) on the row's seed (its generator's `initial_seed()`,
+        set by the stream per sample and epoch) and the position, so a text's mask does not
+        depend on the batch it is in, nor on how long the batch's longest text is."""
+        rows, width = maskable.shape
+        positions = np.arange(width, dtype=np.uint64)[None, :]
+        draws = np.where(maskable, counter_uniforms(seeds[:, None], positions), np.inf)  # never a special token
+        count = self.count(maskable.sum(1), num_hidden)
+        # hidden: a row's `count` lowest draws, at or under its count-th smallest (53-bit draws do not tie)
+        threshold = np.sort(draws, axis=1)[np.arange(rows), np.maximum(count, 1) - 1]
+        hidden = (draws <= threshold[:, None]) & (count > 0)[:, None]
+        substitute = np.full((rows, width), AS_ITSELF, dtype=np.int64)
+        row, column = hidden.nonzero()
+        substitute[row, column] = self.substitute_ids(
+            counter_uniforms(seeds[row], column.astype(np.uint64) + SUBSTITUTE_COUNTERS))
+        return hidden, substitute
+
+    def substitute_ids(self, u: np.ndarray) -> np.ndarray:
+        """BERT's corruption of hidden tokens from one uniform draw `u` each (any shape): the
+        [MASK] id below mask_share, then a random regular sub-word for the next random_share
+        (the draw's place in that interval picks it, uniformly: a float64 draw has 53 bits, far
+        more than a vocabulary needs), else AS_ITSELF (the token enters as itself)."""
+        as_mask, as_random, first = self.mask_share, self.mask_share + self.random_share, self.first_regular_id
+        scale = (self.vocab_size - first) / max(self.random_share, 1e-300)
+        randoms = np.minimum(first + np.clip((u - as_mask) * scale, 0, None).astype(np.int64), self.vocab_size - 1)
+        return np.where(u < as_mask, self.mask_id, np.where(u < as_random, randoms, AS_ITSELF)).astype(np.int64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio}, mask_id={self.mask_id})"

@@ -85,6 +85,7 @@ class TextModality(Modality):
     def __init__(self, options: dict | None = None, **kwargs):
         super().__init__(options, **kwargs)
         self._tokenizer: TextTokenizer | None = None
+        self.position_tables: dict[int, torch.Tensor] = {}
         if self.options.tokenizer is not None:
             self._tokenizer = load_tokenizer(self.options.tokenizer)
 
@@ -188,9 +189,16 @@ class TextModality(Modality):
         if not specials_added:
             ids_array[:before], ids_array[n - after:] = t.prefix, t.suffix
             words[:before], words[n - after:] = -1, -1
-        positions = torch.from_numpy(np.arange(n, dtype=np.float32).reshape(n, 1))
-        return Tokens(ids=torch.from_numpy(ids_array), coords=positions,
+        return Tokens(ids=torch.from_numpy(ids_array), coords=self.positions(n),
                       fields={"word_ids": torch.from_numpy(words), "special": torch.from_numpy(words < 0)})
+
+    def positions(self, n: int) -> torch.Tensor:
+        """float [n, 1]: 0 .. n-1, one tensor per length, shared by every window of that length
+        (nothing writes into a sample's coords: batching copies them)."""
+        made = self.position_tables.get(n)
+        if made is None:
+            made = self.position_tables[n] = torch.arange(n, dtype=torch.float32).view(n, 1)
+        return made
 
     def untokenize(self, tokens: Tokens) -> list[str]:
         ids = tokens.ids if tokens.ids.dim() == 2 else tokens.ids[None]
