@@ -61,8 +61,24 @@ class Masker:
         """A one-stream batch's masks already stacked as `collate` stacks the records' own
         ([B, N_max]: padding never hidden, entering as itself, at its own index), or None: the
         stream then stacks what `many` makes. A masker that draws a batch at once overrides it
-        to write the stacked arrays directly instead of a mask per record."""
-        return None
+        to write the stacked arrays directly instead of a mask per record.
+
+        Here: a masker that only scores (no `__call__` or `many` of its own), on records of one
+        token count without padding (an image stream's fixed grid), has each record's scores
+        drawn from its own generator as `__call__` draws them, then ranked in one batched
+        `Mask.from_scores`: row for row the same stable sort, so the same masks, for a dozen
+        torch calls per batch instead of per record."""
+        cls = type(self)
+        if cls.__call__ is not Masker.__call__ or cls.many is not Masker.many:
+            return None
+        n = tokens[0].num_tokens
+        if any(t.valid is not None or t.num_tokens != n for t in tokens):
+            return None
+        counts = set(num_hidden) if num_hidden is not None else {hidden_count(n, self.ratio)}
+        if len(counts) != 1:
+            return None
+        scores = torch.stack([self.scores(t, g) for t, g in zip(tokens, generators)])
+        return Mask.from_scores(scores, counts.pop(), None, self.encoder_reads_hidden)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ratio={self.ratio})"

@@ -383,3 +383,30 @@ def test_masks_of_real_digits_images_batch_densely():
     assert batch.mask.hidden.shape == (len(items), 16)
     assert batch.mask.hidden.sum(1).tolist() == [12] * len(items)
     np.testing.assert_array_equal(batch.tokens.values[0].numpy(), patchify(images[0], 2).values.numpy())
+
+
+@pytest.mark.parametrize("name", MASKER_NAMES)
+def test_a_batch_masked_at_once_is_each_sample_masked_alone(name, image_tokens):
+    """The data stream masks a one-stream batch in one `Masker.stacked` call. For a masker that
+    only scores, on real photo patches of one grid, that must be bit for bit what collating
+    each sample's own mask gives, at any batch size; maskers with their own batching (or none)
+    are checked by their modality's tests."""
+    from polymae.shared.tokens import collate
+
+    tokens = image_tokens[(8, 12)]
+    masker = make(name, 0.75, tokens)
+    for size in (1, 5, 16):
+        seeds = [100 + 3 * i for i in range(size)]
+        stacked = masker.stacked([tokens] * size, [torch.Generator().manual_seed(s) for s in seeds])
+        if stacked is None:
+            assert name not in GENERIC_MASKERS  # shared/masking.py's maskers only score: they all batch
+            pytest.skip(f"{name} batches its own way or not at all")
+        alone = collate([({"image": tokens}, {"image": masker(tokens, torch.Generator().manual_seed(s))}, None, str(s))
+                         for s in seeds])
+        together = collate([({"image": tokens}, None, None, str(s)) for s in seeds], mask=stacked)
+        for part in ("hidden", "ids_shuffle", "ids_restore", "keep_valid", "decode", "substitute"):
+            a, b = getattr(alone.mask, part), getattr(together.mask, part)
+            assert (a is None and b is None) or torch.equal(a, b), (part, size)
+        assert alone.mask.num_visible == together.mask.num_visible
+        if size > 1:
+            assert not torch.equal(together.mask.hidden[0], together.mask.hidden[1])  # each sample its own draw
