@@ -10,7 +10,7 @@ imported with `polymae.modalities.video.hf_interop.from_hf_videomae`) and the sa
   hf          VideoMAEForPreTraining (sdpa attention): its decoder reads all 1568 tokens
   polymae     the same model and loss (videomae_pixel), full decoder: first-step losses must agree
   polymae_v2  VideoMAE V2: the running-cell decoder mask at 50%, the decoder reads the 160
-              visible tokens and 704 decoded places only (VideoDecoder)
+              visible tokens and 704 decoded places only (the shared TransformerDecoder)
 The speed target is polymae_v2 vs hf in bf16 (>= 1.5x); on a CPU that emulates bf16
 matmuls (AVX2 only: 20-70x slower than fp32) bf16 is skipped and said so, fp32 is timed.
 

@@ -59,6 +59,11 @@ class ModelConfig:
     encoder_options: dict = field(default_factory=dict)  # options of an ENCODERS entry that takes them (a GNN's)
     drop_path: float = 0.0          # stochastic depth: the last block's drop rate, rising from 0 at the first
     #                                 (off in pretraining as MAE's; its fine-tuning uses 0.1)
+    streams_attend: str = "joint"   # joint: the streams' tokens attend each other in the encoder and the
+    #                                 decoders (M3AE, MultiMAE); apart: a token attends only its own stream's,
+    #                                 one encoder with shared weights run on each stream alone (a siamese
+    #                                 encoder: streams that are views of a sample, aligned by a contrastive
+    #                                 term, must not see each other)
 
     def __post_init__(self):
         if self.position not in POSITIONS:
@@ -71,6 +76,8 @@ class ModelConfig:
             raise ConfigError(f"model.pool must be mean or cls; got {self.pool!r}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"model.kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
+        if self.streams_attend not in ("joint", "apart"):
+            raise ConfigError(f"model.streams_attend must be joint or apart; got {self.streams_attend!r}")
 
     def resolved(self) -> "ModelConfig":
         base = MODEL_SIZES.get(self.size)
@@ -204,6 +211,23 @@ def gather_stream(tokens: Tokens, ids: Tensor) -> Tokens:
                   valid=take(tokens.valid), grid=tokens.grid)
 
 
+def stream_groups(batch: Batch) -> Tensor:
+    """long [B, N_total]: the index of each token's stream, in the batch's layout."""
+    b = batch.mask.hidden.shape[0]
+    return torch.cat([torch.full((b, span.stop - span.start), index, dtype=torch.long, device=batch.mask.hidden.device)
+                      for index, span in enumerate(batch.layout.values())], dim=1)
+
+
+def within_groups(groups: Tensor, prefix: int, keys: Tensor | None) -> Tensor:
+    """bool [B, 1, N, N] (prefix + tokens): a token attends only tokens of its own group
+    (`groups` [B, N_tokens]); the prefix ([cls]) attends every token and none attends it,
+    so nothing passes between groups."""
+    g = torch.cat([groups.new_full((groups.shape[0], prefix), -1), groups], dim=1)
+    allowed = (g[:, :, None] == g[:, None, :]) | (g[:, :, None] < 0)
+    allowed = allowed[:, None]
+    return allowed if keys is None else allowed & keys
+
+
 def causal_mask(length: int, prefix: int, keys: Tensor | None, device: torch.device) -> Tensor:
     lower = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     lower[:, :prefix] = True
@@ -228,14 +252,17 @@ class ViTEncoder(nn.Module):
     def num_prefix(self) -> int:
         return 1 if self.cls_token is not None else 0
 
-    def forward(self, x: Tensor, valid: Tensor | None = None,
-                layers: tuple[int, ...] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+    def forward(self, x: Tensor, valid: Tensor | None = None, layers: tuple[int, ...] = (),
+                groups: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """`groups` [B, N]: tokens attend only tokens of their own group (`within_groups`)."""
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         keys = None
         if valid is not None:
             keys = torch.cat([valid.new_ones(valid.shape[0], self.num_prefix), valid], dim=1)[:, None, None, :]
         mask = causal_mask(x.shape[1], self.num_prefix, keys, x.device) if self.causal else keys
+        if groups is not None:
+            mask = within_groups(groups, self.num_prefix, mask)
         taps = {}
         for depth, block in enumerate(self.blocks, start=1):
             x = block(x, mask)
@@ -265,7 +292,7 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         width, depth, heads = dec.width or cfg.decoder_width, dec.depth or cfg.decoder_depth, \
             dec.heads or cfg.decoder_heads
-        self.kernels, self.remask = cfg.kernels, remask
+        self.kernels, self.remask, self.apart = cfg.kernels, remask, cfg.streams_attend == "apart"
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.position = build_position(position or cfg.position, width, num_coords, grid)
@@ -294,15 +321,17 @@ class TransformerDecoder(nn.Module):
         own = own + self.position(batch.streams[stream].coords).to(x.dtype)
         return (own, full, is_input) if everything else own
 
-    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
-        """The decoder's normalised output at the stream's tokens [B, N_s, width], before `head`."""
+    def inputs(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> tuple[Tensor, Tensor | None]:
+        """The decoder's input sequence [B, prefix + N_total, width]: the encoder's prefix codes,
+        the stream's own tokens (`stream_queries`), then the other streams' tokens as context;
+        and which of them attention reads (bool, same length; None: all)."""
         x = linear(latent, self.embed, self.kernels)
         head = x[:, :prefix]
         own, full, is_input = self.stream_queries(x, prefix, batch, stream, everything=True)
         tokens, b = batch.streams[stream], x.shape[0]
         parts, keys = [head, own], [tokens.valid]
         for other, other_span in batch.layout.items():
-            if other != stream:
+            if other != stream and not self.apart:  # apart: the other streams are no context
                 parts.append(full[:, other_span])
                 keys.append(is_input[:, other_span] if is_input is not None else
                             torch.ones(b, other_span.stop - other_span.start, dtype=torch.bool, device=x.device))
@@ -311,12 +340,65 @@ class TransformerDecoder(nn.Module):
         if any(k is not None for k in keys):
             valid = torch.cat([k if k is not None else torch.ones(b, own.shape[1], dtype=torch.bool, device=x.device)
                                for k in keys], dim=1)
-        attn = None if valid is None else torch.cat([valid.new_ones(b, prefix), valid], 1)[:, None, None, :]
+        return x, None if valid is None else torch.cat([valid.new_ones(b, prefix), valid], 1)
+
+    def run_blocks(self, x: Tensor, attended: Tensor | None) -> Tensor:
+        attn = None if attended is None else attended[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn)
-        return self.norm(x)[:, prefix:prefix + own.shape[1]]
+        return x
+
+    def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+        """The decoder's normalised output at the stream's tokens [B, N_s, width], before `head`."""
+        x = self.run_blocks(*self.inputs(latent, prefix, batch, stream))
+        span = batch.layout[stream]
+        return self.norm(x)[:, prefix:prefix + span.stop - span.start]
+
+    def decoded_subset(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
+        """The prediction [B, N_s, d_out] under a decode subset (`Mask.decode`), read from only
+        the tokens that subset leaves: every stream's encoder inputs and decoded places (VideoMAE
+        V2's decoder masking), so the blocks' cost falls with the decoded share. Hidden tokens
+        not decoded are dropped from the sequence, the kept ones gathered to the front of each
+        row (rows with fewer padded, the padding out of attention); the head runs on the
+        stream's decoded tokens only. Zeros everywhere else (the loss weighs only hidden and
+        decoded tokens, `Batch.target_weights`). With every hidden token decoded, it is the
+        full decoder's prediction at the hidden places."""
+        x, attended = self.inputs(latent, prefix, batch, stream)
+        span, mask = batch.layout[stream], batch.mask
+        n = span.stop - span.start
+        columns = torch.cat([torch.arange(span.start, span.stop)] + [torch.arange(s.start, s.stop) for name, s in
+                                                                      batch.layout.items()
+                                                                      if name != stream and not self.apart])
+        columns = columns.to(x.device)
+        hidden, decode = mask.hidden[:, columns], mask.decode[:, columns]
+        kept = ~hidden | decode
+        if attended is not None:
+            kept = kept & attended[:, prefix:]
+        own = (torch.arange(columns.numel(), device=x.device) < n)[None, :]
+        targets = kept & own & hidden
+        # the stream's decoded tokens first, then its encoder inputs, the other streams' kept tokens, the rest
+        rank = torch.where(targets, 0, torch.where(kept & own, 1, torch.where(kept, 2, 3))).to(torch.uint8)
+        counts = kept.sum(1)
+        longest = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort(rank, dim=1, stable=True)[:, :longest]
+        x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], order)], dim=1)
+        keys = None
+        if bool((counts < longest).any()):
+            real = torch.arange(longest, device=x.device)[None, :] < counts[:, None]
+            keys = torch.cat([real.new_ones(real.shape[0], prefix), real], dim=1)
+        x = self.run_blocks(x, keys)
+        decoded = targets.sum(1)
+        most = int(decoded.max()) if decoded.numel() else 0
+        rows = linear(self.norm(x[:, prefix:prefix + most]), self.head, self.kernels)   # [B, most, d_out]
+        place = torch.where(torch.arange(most, device=x.device)[None, :] < decoded[:, None], order[:, :most], n)
+        pred = rows.new_zeros(rows.shape[0], n + 1, rows.shape[-1])    # column n: where padding rows go
+        return pred.scatter(1, place[..., None].expand(-1, -1, rows.shape[-1]), rows)[:, :n]
+
+    reads_decode_subset = True   # under Mask.decode the blocks read the visible and decoded tokens only
 
     def forward(self, latent: Tensor, prefix: int, batch: Batch, stream: str, taps: dict[int, Tensor]) -> dict:
+        if batch.mask.decode is not None and self.reads_decode_subset:
+            return {"pred": self.decoded_subset(latent, prefix, batch, stream)}
         return {"pred": linear(self.features(latent, prefix, batch, stream), self.head, self.kernels)}
 
 
@@ -335,6 +417,8 @@ class CrossAttentionDecoder(TransformerDecoder):
         self.query_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.context_norm = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.cross = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    reads_decode_subset = False  # every token of the stream is a query: a decode subset narrows the loss only
 
     def features(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
         context = linear(latent, self.embed, self.kernels)
@@ -530,9 +614,15 @@ class MaskedAutoencoder(nn.Module):
                 x = torch.cat([x[:, :span.start], part, x[:, span.stop:]], dim=1)
         return x
 
+    def apart(self, batch: Batch) -> bool:
+        return self.config.streams_attend == "apart" and len(batch.streams) > 1
+
     def encode(self, batch: Batch) -> tuple[Tensor, dict[int, Tensor]]:
         """The encoder's normalised output [B, prefix + num_visible, W] and its tapped layers."""
         x, valid = self.embed(batch)
+        if self.apart(batch):
+            groups = torch.gather(stream_groups(batch), 1, batch.mask.ids_keep)
+            return self.encoder(x, valid, self.taps, groups=groups)
         return self.encoder(x, valid, self.taps)
 
     def forward(self, batch: Batch) -> Outputs:
@@ -552,7 +642,7 @@ class MaskedAutoencoder(nn.Module):
         if any(v is not None for v in valids):
             valid = torch.cat([v if v is not None else torch.ones(e.shape[:2], dtype=torch.bool, device=e.device)
                                for v, e in zip(valids, embedded)], dim=1)
-        latent, _ = self.encoder(x, valid)
+        latent, _ = self.encoder(x, valid, groups=stream_groups(batch)) if self.apart(batch) else self.encoder(x, valid)
         if self.config.pool == "cls" and self.num_prefix:
             return latent[:, 0]
         tokens = latent[:, self.num_prefix:]

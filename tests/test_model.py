@@ -11,7 +11,8 @@ from polymae.modalities.image.tokenizer import grid_coords, patchify
 from polymae.shared.masking import build_masker
 from polymae.shared.model import ModelConfig
 from polymae.shared.position import SinCosPosition, sincos_1d
-from polymae.shared.tokens import Batch, Tokens, collate
+from polymae.shared.objectives import PixelLoss, normalise_per_token
+from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -273,3 +274,46 @@ def test_learned_position_on_a_non_square_grid(batch):
     position = model.input_adapters["image"].position
     rows = (batch.tokens.coords[0].round().long() * position.strides).sum(-1)
     assert sorted(rows.tolist()) == list(range(96))
+
+
+def with_decode(mask, decode):
+    import dataclasses
+    return dataclasses.replace(mask, decode=decode)
+
+
+def test_a_decode_subset_decoder_reads_only_visible_and_decoded_tokens(model, batch):
+    """Under a decode subset (VideoMAE V2's decoder masking) the transformer decoder's prediction
+    at each decoded place is what the full decoder predicts for a sample made of exactly the
+    visible and decoded tokens (the other hidden tokens removed); zeros at every other place.
+    Rows decode different counts, so the shorter one is padded inside the decoder."""
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    decode = torch.zeros_like(mask.hidden)
+    for row, count in enumerate((30, 17)):
+        chosen = torch.randperm(int(mask.hidden[row].sum()), generator=torch.Generator().manual_seed(row))[:count]
+        decode[row, mask.ids_hidden[row][chosen]] = True
+    subset = run(model, values, coords, with_decode(mask, decode)).pred("image")
+    assert bool((subset[~decode] == 0).all()) and bool((subset[decode] != 0).all())
+    for row in range(2):
+        kept = torch.cat([mask.ids_keep[row], decode[row].nonzero().flatten()])
+        order = torch.arange(len(kept))
+        alone = Mask(hidden=order[None] >= mask.num_visible, ids_shuffle=order[None], ids_restore=order[None],
+                     num_visible=mask.num_visible)   # the visible tokens in the same encoder order
+        reference = run(model, values[row:row + 1, kept], coords[row:row + 1, kept], alone).pred("image")[0]
+        torch.testing.assert_close(subset[row, kept[mask.num_visible:]], reference[mask.num_visible:],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_decode_subset_the_loss_is_the_full_decoders(model, batch):
+    """No decode subset: every hidden token is predicted by the decoder over all tokens, and the
+    pixel loss is the mean over hidden tokens of that prediction's error; naming every hidden
+    token as decoded goes through the subset path and gives the same loss."""
+    values, coords, mask = batch.tokens.values, batch.tokens.coords, batch.mask
+    term = PixelLoss("image", norm_pix=True)
+    full_batch, every_batch = as_batch(values, coords, mask), as_batch(values, coords, with_decode(mask, mask.hidden))
+    with torch.no_grad():
+        full, every = model(full_batch), model(every_batch)
+    by_hand = (full.pred("image") - normalise_per_token(values)).pow(2).mean(-1)[mask.hidden].mean()
+    torch.testing.assert_close(term(full, full_batch), by_hand)
+    torch.testing.assert_close(term(every, every_batch), term(full, full_batch), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(every.pred("image")[mask.hidden], full.pred("image")[mask.hidden],
+                               rtol=1e-5, atol=1e-5)

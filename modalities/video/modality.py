@@ -24,7 +24,6 @@ from . import adapters
 from . import masking  # noqa: F401  (registers the tube and spacetime maskers)
 from . import objectives  # noqa: F401  (registers videomae_pixel)
 from .clips import clip_indices, clip_step
-from .model import VideoDecoder
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -218,16 +217,11 @@ class VideoModality(Modality):
         return adapter
 
     def decoder(self, decoder, encoder_width, config):
-        """VideoDecoder (the shared transformer decoder, reading only the decoded places of a
+        """The shared decoder (whose transformer reads only the visible and decoded places of a
         running-cell mask) with VideoMAE's bias-free encoder-to-decoder projection (and, with
         `positions: videomae`, HF's position table and its decoder LayerNorm's eps)."""
-        kind = decoder.kind or self.default_decoder
-        if kind == "transformer":  # reads only the decoded places when the mask names a decode subset
-            head = VideoDecoder(encoder_width, self.output_width, self.num_coords, config, decoder,
-                                self.coord_extents)
-        else:
-            head = super().decoder(decoder, encoder_width, config)
-        if isinstance(head, VideoDecoder):
+        head = super().decoder(decoder, encoder_width, config)
+        if (decoder.kind or self.default_decoder) == "transformer":
             head.embed = nn.Linear(head.embed.in_features, head.embed.out_features, bias=False)
             if self.options.positions == "videomae":
                 from .hf_interop import HF_DECODER_NORM_EPS, VideoMAETablePosition
