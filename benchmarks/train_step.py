@@ -19,7 +19,9 @@ AdamW; polymae with its default kernels and fused AdamW (what its trainer uses).
 Prints the CPU model and the flags the kernel choices read (amx, avx512_bf16), images/s
 for both, the ratio, the losses of the first step (same weights: they must agree to
 numerical noise), the step's time over the time its matmul FLOPs take at the rate of a
-2048^3 matmul of the same dtype measured in-process, and the path each of polymae's ops
+2048^3 matmul of the same dtype measured in-process, the share of the matmul limit at the
+model's own shapes it reaches (the step's matmuls run alone as bare products over the step's
+time: tens of tokens by 128 run far below the 2048^3 rate), and the path each of polymae's ops
 took (shared/kernels.py measures them at first use).
 
     python benchmarks/train_step.py [--shape vit-s,tiny] [--seconds 120] [--precision bf16,fp32] [--quick]
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,22 +63,53 @@ def hf_mae_config(shape: dict):
                         attn_implementation="sdpa")
 
 
-def matmul_flops_per_image(config, num_tokens: int, keep: int, d_in: int) -> float:
-    """Matmul FLOPs of one image's training step (forward + backward) for the MAE polymae runs:
-    encoder on [cls] + visible tokens, decoder on [cls] + all, head on all tokens. Backward is
-    twice forward, except that the patch embedding needs no input gradient."""
-    def blocks(depth, width, mlp, tokens):
-        linear = 2 * tokens * (4 * width * width + 2 * width * mlp)
-        attention = 4 * tokens * tokens * width  # q k^T and p v over all heads
-        return depth * (linear + attention)
-
+def step_matmuls(config, num_tokens: int, keep: int, d_in: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """The matmuls of one training step of the MAE runs, as (count, m, k, n) products of [m, k] x
+    [k, n]: encoder on [cls] + visible tokens, decoder on [cls] + all, head on all tokens;
+    forward, then backward's input and weight gradients (the patch embedding needs no input
+    gradient). Attention's q k^T and p v are per sample and head."""
     c = config
-    embed = 2 * keep * d_in * c.hidden_size
-    forward = (embed + blocks(c.num_hidden_layers, c.hidden_size, c.intermediate_size, keep + 1)
-               + 2 * (keep + 1) * c.hidden_size * c.decoder_hidden_size
-               + blocks(c.decoder_num_hidden_layers, c.decoder_hidden_size, c.decoder_intermediate_size, num_tokens + 1)
-               + 2 * num_tokens * c.decoder_hidden_size * d_in)
-    return 3 * forward - embed
+    forward, attention = [], []  # linears (rows, in, out); attention products (count, m, k, n)
+
+    def blocks(depth, width, mlp, heads, tokens):
+        for _ in range(depth):
+            forward.extend([(batch * tokens, width, 3 * width), (batch * tokens, width, width),
+                            (batch * tokens, width, mlp), (batch * tokens, mlp, width)])
+            head = width // heads
+            attention.extend([(batch * heads, tokens, head, tokens), (batch * heads, tokens, tokens, head)])
+
+    blocks(c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, keep + 1)
+    forward.append((batch * (keep + 1), c.hidden_size, c.decoder_hidden_size))
+    blocks(c.decoder_num_hidden_layers, c.decoder_hidden_size, c.decoder_intermediate_size,
+           c.decoder_num_attention_heads, num_tokens + 1)
+    forward.append((batch * num_tokens, c.decoder_hidden_size, d_in))
+    products = [(1, m, k, n) for m, k, n in forward]
+    products += [(1, m, n, k) for m, k, n in forward]                     # input gradients
+    products += [(1, k, m, n) for m, k, n in forward]                     # weight gradients
+    products += [(count, m, k, n) for count, m, k, n in attention]
+    products += [(count, m, n, k) for count, m, k, n in attention] * 2    # both inputs' gradients
+    products.append((1, batch * keep, d_in, c.hidden_size))               # the embedding's forward
+    products.append((1, d_in, batch * keep, c.hidden_size))               # and its weight gradient
+    return products
+
+
+def matmul_flops(products: list[tuple[int, int, int, int]]) -> float:
+    return sum(2 * count * m * k * n for count, m, k, n in products)
+
+
+def own_shape_matmul_seconds(products: list[tuple[int, int, int, int]], dtype: torch.dtype,
+                             repeats: int = 3) -> float:
+    """The best of `repeats` runs of exactly the step's matmuls as bare torch products, back to
+    back: the matmul limit at the model's own shapes (small ones run far below the 2048^3 rate)."""
+    operands = [(torch.randn(count, m, k, dtype=dtype), torch.randn(count, k, n, dtype=dtype))
+                for count, m, k, n in products]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        start = time.perf_counter()
+        for a, b in operands:
+            torch.bmm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def build(shape: dict, batch_size: int):
@@ -185,7 +219,8 @@ def main(argv=None) -> dict:
         config, hf, model, pixels, noise, batch = build(shape, batch_size)
         hf_state, pm_state = copy.deepcopy(hf.state_dict()), copy.deepcopy(model.state_dict())
         num_tokens, keep = batch.mask.ids_restore.shape[1], batch.mask.num_visible
-        flops = matmul_flops_per_image(config, num_tokens, keep, batch.tokens.values.shape[-1]) * batch_size
+        products = step_matmuls(config, num_tokens, keep, batch.tokens.values.shape[-1], batch_size)
+        flops = matmul_flops(products)
         out[shape_name] = {"batch": batch_size, "model_matmul_gflop_per_step": flops / 1e9}
         print(f"{shape_name}: {shape['image']}px, patch {shape['patch']}, {shape['width']} x {shape['depth']} "
               f"(decoder {shape['decoder_width']} x {shape['decoder_depth']}), mask {shape['mask_ratio']}, "
@@ -196,6 +231,10 @@ def main(argv=None) -> dict:
                               shape["norm_pix"], batch_size)
             matmul_s = flops / (limits[precision] * 1e9)
             r["step_over_matmul"] = {k: r[k]["step_s"] / matmul_s for k in ("hf", "polymae")}
+            # the limit at the model's own shapes: its matmuls alone, as bare products, this moment
+            own_s = own_shape_matmul_seconds(products, torch.bfloat16 if precision == "bf16" else torch.float32)
+            r["own_shape_matmul_s"] = own_s
+            r["share_of_own_shape_limit"] = {k: own_s / r[k]["step_s"] for k in ("hf", "polymae")}
             target = TARGETS[(shape_name, precision)]
             out[shape_name][precision] = r
             print(f"  {precision}: HF {r['hf']['images_per_s']:.1f} img/s, polymae {r['polymae']['images_per_s']:.1f}"
@@ -205,7 +244,8 @@ def main(argv=None) -> dict:
                 s = r[k]
                 print(f"    {k:8s} step {s['step_s']:.3f}s = fwd {s['forward_s']:.3f} + bwd {s['backward_s']:.3f} + "
                       f"opt {s['optimizer_s']:.3f} ({r['optimizer'][k]}); {r['step_over_matmul'][k]:.2f}x its "
-                      f"matmul time at the {precision} rate")
+                      f"matmul time at the {precision} 2048^3 rate; {100 * r['share_of_own_shape_limit'][k]:.0f}% "
+                      f"of the limit at its own shapes (its matmuls alone: {r['own_shape_matmul_s']:.3f}s)")
             print(f"    first-step loss (same weights): HF {r['first_loss']['hf']:.6f}, polymae "
                   f"{r['first_loss']['polymae']:.6f}, rel diff {r['first_loss_rel_diff']:.1e} "
                   f"({'agree' if r['losses_agree'] else 'DISAGREE'}, tolerance {LOSS_TOLERANCE[precision]:.0e}); "
