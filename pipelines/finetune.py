@@ -56,6 +56,7 @@ from polymae.shared.masking import build_masker
 from polymae.shared.modality import label_of
 from polymae.shared.trainer import Trainer, make_adamw, no_weight_decay, warmup_cosine
 
+from .pretrain import batches_per_rank
 from .probe import extract
 from .runs import RunLock, RunParts, build_parts, run_folder, split_shards, stream_modalities
 from .stream import Loader, ShardStream, read_shard
@@ -586,7 +587,8 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
 
     augmented = [spec._replace(modality=spec.modality.with_augmentations(ft.augment)) for spec in streams]
     stream = ShardStream(train_shards, augmented, batch_size=batch_size, train=True, shuffle_buffer=data.shuffle_buffer,
-                         seed=ft.seed, resampled=data.resampled, label_reader=label_reader)
+                         seed=ft.seed, resampled=data.resampled, label_reader=label_reader,  # equal steps per rank:
+                         batches_per_epoch=batches_per_rank(eval_parts.config, train_shards, context.world_size))
     loader = Loader(stream, data.num_workers, device=context.device)
 
     def batches(epoch: int, start: int):

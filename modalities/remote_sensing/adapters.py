@@ -8,14 +8,17 @@ in another CRS than the scene's first are a BadInput naming the file. The scene 
 
   {"__key__", "tif": the chip as a float32 GeoTIFF (NaN = nodata, band descriptions = band
    names, the chip's CRS and transform), "json": {crs, transform, bands, scene, window,
-   valid_share[, label]}, ["cls"]}
+   valid_share[, label, labels]}, ["cls"], ["labels.json"]}
 
 A chip with no valid pixel is a BadInput (all_nodata_chip) in the source's stream, counted by
 `polymae shard` like any other. With `label` a vector layer (GeoPackage polygons, read with
 fiona) is rasterised onto the scene grid with rasterio.features.rasterize and each chip is
 labelled by its majority class among the labelled pixels; a chip whose labelled share is below
 `min_label_share` is a BadInput (no_label), and a polygon that lies outside the raster one
-(polygon_outside_raster).
+(polygon_outside_raster). With `multilabel_share` as well, a labelled chip also holds the set of
+classes that cover at least that share of its pixels, as a multi-hot JSON list in
+`label_classes` order ("labels.json", the label of a multi-label task; a chip has several
+land uses).
 
 Built-in sources: `BUILTIN_SOURCES`; each is a package's data, fetched once through its client.
 """
@@ -67,6 +70,7 @@ class Reading:
     label_field: str = "fclass"           # the polygons' attribute holding the class name
     label_classes: tuple[str, ...] = LANDUSE_CLASSES
     min_label_share: float = 0.25         # a chip's labelled pixels needed to take a label
+    multilabel_share: float | None = None  # a class on this share of a chip's pixels is in its labels.json
 
 
 @dataclass
@@ -181,6 +185,12 @@ def polygon_rings(geometry: dict) -> list:
     return coordinates if geometry["type"] == "Polygon" else [ring for polygon in coordinates for ring in polygon]
 
 
+def present_classes(labels: np.ndarray, classes: int, min_share: float) -> list[int]:
+    """A chip's multi-hot label: 1 for each class whose burnt pixels are at least `min_share` of the chip."""
+    counts = np.bincount(labels.ravel(), minlength=classes + 1)[1:classes + 1]
+    return [int(count >= min_share * labels.size) for count in counts]
+
+
 def majority_label(labels: np.ndarray, classes: int, min_share: float) -> tuple[int | None, float]:
     """(class index or None, labelled share) of a chip's burnt labels."""
     counts = np.bincount(labels.ravel(), minlength=classes + 1)
@@ -231,6 +241,11 @@ def chip_records(scene: Scene, reading: Reading, labels: np.ndarray | None = Non
                     continue
                 record["cls"] = str(label).encode()
                 facts.update(label=reading.label_classes[label], labelled_share=round(share, 4))
+                if reading.multilabel_share is not None:
+                    present = present_classes(labels[row:row + size, col:col + size], len(reading.label_classes),
+                                              reading.multilabel_share)
+                    record["labels.json"] = json.dumps(present).encode()
+                    facts["labels"] = [name for name, on in zip(reading.label_classes, present) if on]
             record["tif"] = chip_tiff(scene.bands[:, row:row + size, col:col + size], scene.names, scene.crs,
                                       transform)
             record["json"] = json.dumps(facts, sort_keys=True).encode()

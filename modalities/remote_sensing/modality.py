@@ -58,6 +58,7 @@ class RemoteSensingOptions:
     label_field: str = "fclass"
     label_classes: tuple[str, ...] = adapters.LANDUSE_CLASSES
     min_label_share: float = 0.25
+    multilabel_share: float | None = None         # also a multi-hot labels.json: classes on this share of a chip
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:
@@ -75,6 +76,8 @@ class RemoteSensingOptions:
             raise ConfigError(f"overlap must be in [0, chip_size {self.chip_size}); got {self.overlap}")
         if not 0 < self.min_label_share <= 1:
             raise ConfigError(f"min_label_share must be in (0, 1]; got {self.min_label_share}")
+        if self.multilabel_share is not None and not 0 < self.multilabel_share <= 1:
+            raise ConfigError(f"multilabel_share must be in (0, 1]; got {self.multilabel_share}")
 
 
 class BandStatistics(ShardStatistics):
@@ -142,7 +145,7 @@ class RemoteSensingModality(Modality):
         o = self.options
         return adapters.Reading(chip_size=o.chip_size, overlap=o.overlap, resolution=o.resolution, label=o.label,
                                 label_field=o.label_field, label_classes=tuple(o.label_classes),
-                                min_label_share=o.min_label_share)
+                                min_label_share=o.min_label_share, multilabel_share=o.multilabel_share)
 
     def sources(self):
         return dict(adapters.BUILTIN_SOURCES)
