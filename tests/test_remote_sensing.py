@@ -374,6 +374,13 @@ def test_multilabel_fine_tuning_on_land_use_sets_beats_chance_and_refuses_a_labe
         print(f"multi-label land use, held-out mean AUC after 40 steps: {last['mean_auc']:.3f} over "
               f"{last['labels_scored']} land uses; evaluations {summary['evaluations']}")
     assert last["labels_scored"] >= 6 and last["mean_auc"] > 0.6                 # chance: 0.5
+    probe_config, probe_ft = finetune_recipe(start, "remote_sensing/satmae_sentinel2_linear_finetune.yaml",
+                                             [*small, *multilabel])
+    assert (probe_ft.mode, probe_ft.optimizer, probe_ft.weight_decay) == ("linear", "lars", 0.0)
+    probed = finetune(probe_config, probe_ft)["last"]                            # the frozen encoder's
+    with capsys.disabled():
+        print(f"the linear probe (LARS) of the same start: mean AUC {probed['mean_auc']:.3f}")
+    assert probed["mean_auc"] > 0.55
     capsys.readouterr()                                                          # the run's own output
     code = main(["finetune", str(start), recipe, *small, *multilabel, "finetune.classes=5"])
     err = capsys.readouterr().err

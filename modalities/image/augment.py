@@ -5,6 +5,7 @@ rand-m9-mstd0.5-inc1 and reprob 0.25). Each works on [..., C, H, W]: a clip's fr
 [T, C, H, W] get one crop box, one flip and one draw of ops (video)."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymae.shared.config import bounded
+from polymae.shared.config import bounded, build
 from polymae.shared.errors import ConfigError
 
 
@@ -282,3 +283,15 @@ def finetune_augment(image: Tensor, augment: FinetuneAugmentations, mean: tuple[
     if augment.erase_prob > 0:
         image = random_erase(image, augment, mean, std, generator)
     return image
+
+
+def with_finetune_augmentations(modality, options: dict, where: str):
+    """`Modality.with_augmentations` of a modality that reads 2D pixels: a copy whose
+    `augmentations` are `options` checked as FinetuneAugmentations, or the modality itself
+    when they turn nothing on."""
+    augmentations = build(FinetuneAugmentations, options or {}, where)
+    if not augmentations.active:
+        return modality
+    augmented = copy.copy(modality)
+    augmented.augmentations = augmentations
+    return augmented

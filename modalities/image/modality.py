@@ -1,21 +1,21 @@
 """The image modality: decode -> augment -> patchify, and a picture of reconstructions."""
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
-from polymae.shared.config import bounded, build
+from polymae.shared.config import bounded
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
 from polymae.shared.registry import MODALITIES
 from polymae.shared.tokens import Tokens
 
 from . import adapters
-from .augment import FinetuneAugmentations, finetune_augment, random_hflip, random_resized_crop, resize
+from .augment import (FinetuneAugmentations, finetune_augment, random_hflip, random_resized_crop, resize,
+                      with_finetune_augmentations)
 from .tokenizer import PixelNormalisation, patchify, unpatchify
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -57,6 +57,7 @@ class ImageModality(Modality):
     payload_keys = (*dict.fromkeys(adapters.IMAGE_SUFFIXES.values()), "jpg", "png", "jpeg")
     Options = ImageOptions
     default_masker = "random"
+    decoded_cacheable = True  # crop, resize, flip, RandAugment and erasing all make new tensors (test_image)
     augmentations: FinetuneAugmentations | None = None  # fine-tuning's RandAugment and erasing (with_augmentations)
 
     def sources(self):
@@ -74,12 +75,7 @@ class ImageModality(Modality):
         """A copy that adds RandAugment and random erasing (`FinetuneAugmentations`: randaug_n,
         randaug_m, randaug_mstd, randaug_prob, erase_prob, erase_area, erase_aspect) to its
         training pixels, after crop and flip, drawn from each sample's own generator."""
-        augmentations = build(FinetuneAugmentations, options or {}, where)
-        if not augmentations.active:
-            return self
-        augmented = copy.copy(self)
-        augmented.augmentations = augmentations
-        return augmented
+        return with_finetune_augmentations(self, options, where)
 
     # -- tokenizer --------------------------------------------------------
     def pixels(self, image: torch.Tensor, generator: torch.Generator, train: bool) -> torch.Tensor:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymae.modalities.image.augment import random_hflip, random_resized_crop, resize
+from polymae.modalities.image.augment import (FinetuneAugmentations, finetune_augment, random_hflip,
+                                              random_resized_crop, resize, with_finetune_augmentations)
 from polymae.modalities.image.tokenizer import patchify, unpatchify
 from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.modality import Modality
@@ -121,6 +122,7 @@ class MedicalModality(Modality):
     payload_keys = ("dcm", "nii.gz", "nii")
     Options = MedicalOptions
     default_masker = "random"
+    augmentations: FinetuneAugmentations | None = None  # fine-tuning's RandAugment and erasing, 2D only
 
     # -- adapters ---------------------------------------------------------
     def reading(self) -> adapters.Reading:
@@ -174,6 +176,15 @@ class MedicalModality(Modality):
             scaled = percentile_scaled(values, *o.clip_percentiles)
         return scaled.astype(np.float32)
 
+    def with_augmentations(self, options: dict, where: str = "finetune.augment") -> "MedicalModality":
+        """2D mode: the image modality's RandAugment and random erasing (the thorax fine-tuning
+        recipe's rand-m6-mstd0.5-inc1), on the [0, 1] image as 8-bit pixels, as the paper's PIL
+        pipeline reads its radiographs."""
+        augmented = with_finetune_augmentations(self, options, where)
+        if augmented is not self and self.options.mode != "2d":
+            raise ConfigError(f"{where}: RandAugment and random erasing are for 2D images, not mode {self.options.mode}")
+        return augmented
+
     # -- tokenizer --------------------------------------------------------
     def tokenize(self, payload: torch.Tensor, generator: torch.Generator, train: bool = True) -> Tokens:
         o = self.options
@@ -185,6 +196,9 @@ class MedicalModality(Modality):
                 x = random_resized_crop(x, o.image_size, o.crop_scale, o.crop_ratio, generator)
                 if o.hflip:
                     x = random_hflip(x, generator)
+                if self.augmentations is not None:
+                    pixels = (x * 255).round().clamp(0, 255).to(torch.uint8)
+                    x = finetune_augment(pixels, self.augmentations, (o.mean,), (o.std,), generator).float() / 255
             else:
                 x = resize(x, o.image_size)
             return patchify(((x - o.mean) / o.std).contiguous(), o.patch_size)
