@@ -22,17 +22,14 @@ from .stream import Loader, ShardStream
 
 
 def batches_per_rank(config: Config, train_shards: list[str], world_size: int) -> int | None:
-    """How many batches every rank takes per epoch, so that no rank waits for another at an epoch's end."""
+    """How many batches every rank takes per epoch, so that no rank waits for another at an epoch's end.
+    Any number of shards feeds any number of ranks and workers: with fewer shards than readers, the
+    readers share them by record index (ShardStream.assigned_shards)."""
     data = config.data
     if data.batches_per_epoch is not None or world_size == 1:
         return data.batches_per_epoch
     if data.resampled:
         raise ConfigError("data.resampled=true under torchrun needs data.batches_per_epoch (the length of an epoch)")
-    needed = world_size * max(1, data.num_workers)
-    if len(train_shards) < needed:
-        raise ConfigError(f"{len(train_shards)} shards cannot feed {world_size} ranks x {max(1, data.num_workers)} "
-                          f"workers ({needed} readers, one shard each at least): write smaller shards "
-                          "(polymae shard --max-count) or lower data.num_workers")
     records = manifest_counts(train_shards)
     if records is None:
         raise ConfigError("under torchrun, shards without a manifest need data.batches_per_epoch "

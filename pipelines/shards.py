@@ -15,6 +15,15 @@ Guarantees:
     crash never leaves a half-written shard under a real name. The manifest
     `{prefix}-manifest.json` is written last, the same way, and lists the
     shards with their record counts and sizes.
+  - Each shard says how many records it holds, so a reader counts what damage
+    took even where no manifest is at hand (a shard copied alone, a URL): its
+    first member, `__shard__` (no extension, so WebDataset's readers and
+    older polymae pass over it as metadata), is `{"records": N}` padded to a
+    fixed width, written as a placeholder when the shard opens and filled in
+    when it closes. A header first, not a trailer last: damage that takes a
+    shard's tail (a cut, a zeroed end at a member boundary, which reads as a
+    clean end of archive) takes a trailer with it, and a missing trailer
+    cannot be told from a tar that never had one.
   - The same input gives byte-identical shards (fixed member mtime), so
     re-sharding is reproducible.
 
@@ -25,9 +34,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -42,6 +53,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 ** 2
 DEFAULT_MAX_COUNT = 10_000
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^pipe:")
+SHARD_HEADER = "__shard__"  # a shard's first member: how many records it holds (see the module docstring)
+HEADER_DATA_OFFSET = 512  # its data follows its one 512-byte tar header (a short ASCII name needs no extension)
 
 
 def stable_hash(*parts) -> int:
@@ -58,6 +71,21 @@ def shard_name(prefix: str, index: int) -> str:
 
 def manifest_name(prefix: str) -> str:
     return f"{prefix}-manifest.json"
+
+
+def shard_header(count: int) -> bytes:
+    """The `__shard__` member's data: `{"records": count}`, padded with spaces (JSON allows them) to
+    one width for every count, so the count known at a shard's close can overwrite the placeholder."""
+    return json.dumps({"records": count}).encode().ljust(40)
+
+
+def header_count(data: bytes) -> int | None:
+    """The record count a `__shard__` member states, or None when its data is not one (damaged)."""
+    try:
+        count = json.loads(data)["records"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -163,10 +191,20 @@ class ShardSetWriter:
         self.temporary = self.out_dir / f".{name}.tmp-{os.getpid()}"
         # PAX allows long member names; a fixed mtime makes shards reproducible.
         self.tar = TarWriter(str(self.temporary), encoder=False, compress=False, mtime=0, format="PAX_FORMAT")
+        placeholder = shard_header(0)
+        member = tarfile.TarInfo(SHARD_HEADER)
+        member.size, member.mtime, member.mode = len(placeholder), 0, self.tar.mode
+        member.uname, member.gname = self.tar.user, self.tar.group
+        self.tar.tarstream.addfile(member, io.BytesIO(placeholder))
         self.shard_count = self.shard_bytes = 0
 
     def finish_shard(self) -> None:
         self.tar.close()
+        with open(self.temporary, "r+b") as handle:  # the header's count, in place (the tar's checksums cover headers only)
+            handle.seek(HEADER_DATA_OFFSET)
+            assert handle.read(len(shard_header(0))) == shard_header(0), "the shard header is not where it was written"
+            handle.seek(HEADER_DATA_OFFSET)
+            handle.write(shard_header(self.shard_count))
         final = self.out_dir / shard_name(self.prefix, len(self.shards))
         os.replace(self.temporary, final)
         self.shards.append({"name": final.name, "count": self.shard_count, "bytes": final.stat().st_size})

@@ -3,6 +3,10 @@
     shard list -> split by node -> split by DataLoader worker -> per-epoch shard shuffle
     -> tar records -> shuffle buffer -> per stream: decode -> tokenize -> (a batch of them) mask -> Batch
 
+With fewer shards than readers (ranks x workers) readers share a shard by record index
+(reader j of k keeps the records whose index is j modulo k), so one shard feeds any number
+of ranks and workers and every record is still read once per epoch.
+
 A record may feed several streams (an image and its caption): each stream's
 modality decodes its own payload and tokenizes it; each stream's masker
 masks it, with its own ratio or with the stream's share of one visible
@@ -27,7 +31,9 @@ labelling a record (Modality.payload raises kind "missing_payload" for a
 record without the modality's file), a shard that cannot be opened
 ("missing_shard"), or a tar that is truncated or corrupt ("bad_shard":
 the records before the damage are still delivered) is skipped and counted
-by kind. The counts since a worker's previous batch travel in the next
+by kind; so is a tar of no record ("empty_shard"). Records that a shard's
+manifest, or its own `__shard__` header, lists and reading did not deliver
+are counted as records (`missing_records:<shard>`). The counts since a worker's previous batch travel in the next
 batch's `Batch.skipped`. At the end of a worker's stream the last (partial)
 batch carries the remaining counts; a worker that has counts but no samples
 left yields a skip report: an empty Batch (`len(batch) == 0`) whose only
@@ -70,7 +76,7 @@ from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
-from .shards import shard_counts, stable_hash
+from .shards import SHARD_HEADER, header_count, shard_counts, stable_hash
 from .transport import BatchRing, RingFeed, WorkerStopped
 
 log = logging.getLogger(__name__)
@@ -105,37 +111,71 @@ class StrictTarInfo(tarfile.TarInfo):
             raise DamagedTar(f"corrupt member header ({error})") from None
 
 
-def read_shard(url: str) -> Iterator[dict]:
+@dataclasses.dataclass
+class ShardTally:
+    """What reading a shard found besides the records it yields: how many records the tar held
+    (every reader's, when readers share it) and how many its `__shard__` header promises."""
+    records: int = 0
+    promised: int | None = None
+
+
+def read_shard(url: str, part: tuple[int, int] = (0, 1), tally: ShardTally | None = None) -> Iterator[dict]:
     """The records of one shard: dicts of `__key__`, `__url__` and one entry per
     file extension, as WebDataset groups them. Damage raises BadInput after the
-    records before it have been yielded (kind "missing_shard" or "bad_shard")."""
+    records before it have been yielded (kind "missing_shard" or "bad_shard").
+
+    part (j, k): only the records whose index in the shard is j modulo k, the others'
+    payloads passed over unread (k readers sharing one shard, each of its records read by one).
+
+    A shard `polymae shard` wrote states its record count in its `__shard__` header
+    (pipelines/shards.py): one that delivers fewer records raises BadInput at its end (a
+    tail zeroed at a member boundary reads as a clean end of archive), and `tally.promised`
+    says how many were promised. A tar written elsewhere (a foreign WebDataset shard, or one
+    written before the header) has no header: what damage took from it can be counted only
+    against a manifest; without one, a tail lost at a member boundary goes uncounted."""
     try:
         stream = gopen(url, "rb")
     except OSError as error:
         raise BadInput(url, f"cannot open shard ({error})", MISSING_SHARD) from None
-    finished = False
+    tally = tally if tally is not None else ShardTally()
+    mine, readers = part
+    finished, header_damaged = False, False
     try:
-        sample = None
+        sample, key_now = None, None
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=StrictTarInfo)
         for member in tar:
             if not member.isreg():
                 continue
+            if member.name == SHARD_HEADER:
+                tally.promised = header_count(tar.extractfile(member).read())
+                header_damaged = tally.promised is None
+                continue
             key, suffix = base_plus_ext(member.name)
-            data = tar.extractfile(member).read()
-            tar.members = []  # streaming mode would otherwise keep every header of the shard
             if key is None or key.rsplit("/", 1)[-1].startswith("__"):
+                tar.members = []
                 continue  # a file that is not part of a record (no extension, or metadata)
-            suffix = suffix.lower()
-            if sample is None or key != sample["__key__"]:
+            if key != key_now:
+                key_now, tally.records = key, tally.records + 1
                 if sample is not None:
                     yield sample
-                sample = {"__key__": key, "__url__": url}
+                sample = {"__key__": key, "__url__": url} if (tally.records - 1) % readers == mine else None
+            if sample is None:  # another reader's record: its payload is skipped over, not read
+                tar.members = []
+                continue
+            data = tar.extractfile(member).read()
+            tar.members = []  # streaming mode would otherwise keep every header of the shard
+            suffix = suffix.lower()
             if suffix in sample:
                 raise DamagedTar(f"record {key!r} holds two '{suffix}' files")
             sample[suffix] = data
         if sample is not None:
             yield sample
         finished = True
+        if header_damaged:
+            raise BadInput(url, f"its {SHARD_HEADER} header is damaged (not a record count)", BAD_SHARD)
+        if tally.promised is not None and tally.records != tally.promised:
+            raise BadInput(url, f"holds {tally.records} records where its {SHARD_HEADER} header states "
+                           f"{tally.promised}: the shard is damaged", BAD_SHARD)
     except (tarfile.TarError, DamagedTar, EOFError, OSError, zlib.error) as error:
         raise BadInput(url, f"unreadable tar ({type(error).__name__}: {error})", BAD_SHARD) from None
     finally:
@@ -147,6 +187,13 @@ def read_shard(url: str) -> Iterator[dict]:
 
 
 # -- where this process sits --------------------------------------------------------------------------
+
+
+class ShardPart(NamedTuple):
+    """A shard, or the part of it one reader takes when readers share it: `part` (j, k) is the
+    records whose index in the shard is j modulo k (see ShardStream.assigned_shards)."""
+    url: str
+    part: tuple[int, int] = (0, 1)
 
 
 class StreamPosition(NamedTuple):
@@ -254,54 +301,73 @@ class ShardStream(IterableDataset):
         self.shared_epoch.value = epoch
 
     # -- records ---------------------------------------------------------------
-    def assigned_shards(self, position: StreamPosition, whole_rank: bool = False) -> list[str]:
+    def assigned_shards(self, position: StreamPosition, whole_rank: bool = False) -> list[ShardPart]:
         """This rank's slice of the epoch's shard order, then this worker's slice of that
-        (or the rank's whole slice: a quota worker whose own shards are all unreadable)."""
+        (or the rank's whole slice: a quota worker whose own shards are all unreadable).
+
+        With fewer shards than readers (ranks x workers), readers share a shard by record
+        index: each shard becomes k = ceil(readers / shards) parts, part j the records whose
+        index is j modulo k, and the parts are dealt out as shards are. Every record is still
+        read once per epoch across ranks and workers, and the default's one built-in shard
+        feeds 2 ranks x 2 workers."""
         order = list(self.shards)
         if self.train:
             random.Random(stable_hash("shards", self.seed, self.epoch)).shuffle(order)
-        for_rank = order[position.rank::position.world_size]
-        if not for_rank:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {position.world_size} ranks: write more, "
-                             "smaller shards (max_count) or use resampled=True")
+        share = -(-position.world_size * position.num_workers // len(order))
+        parts = [ShardPart(url, (j, share)) for url in order for j in range(share)]
+        for_rank = parts[position.rank::position.world_size]
         return for_rank if whole_rank else for_rank[position.worker::position.num_workers]
 
-    def shard_records(self, url: str, skipped: Counter, draw: int | None = None) -> Generator[dict, None, bool]:
-        """One shard's records (marked with the resampled `draw` number); returns
-        False, after counting, when the shard is missing or damaged."""
-        delivered = 0
+    def shard_records(self, url: str, skipped: Counter, draw: int | None = None,
+                      part: tuple[int, int] = (0, 1)) -> Generator[dict, None, bool]:
+        """One shard's records (marked with the resampled `draw` number), or its `part` (j, k) of
+        them; returns False, after counting, when the shard is missing or damaged. A shard's own
+        failure is counted by its part 0 only (all its readers meet it); each part counts its own
+        missing records."""
+        delivered, tally = 0, ShardTally()
         try:
-            for sample in read_shard(url):
+            for sample in read_shard(url, part, tally):
                 if draw is not None:
                     sample["__draw__"] = draw
                 self.records_read += 1
                 delivered += 1
                 yield sample
         except BadInput as error:
-            self.count_skip(error, skipped)
-            self.count_missing(url, delivered, skipped)
+            if part[0] == 0:
+                self.count_skip(error, skipped)
+            self.count_missing(url, part, delivered, tally, skipped)
             return False
-        self.count_missing(url, delivered, skipped)  # not when the reader leaves early: only a shard read to its end
+        # not when the reader leaves early: only a shard read to its end
+        self.count_missing(url, part, delivered, tally, skipped)
+        if tally.records == 0 and part[0] == 0:  # a tar of no record: nothing to train on and no error to say so
+            skipped[EMPTY_SHARD] += 1
         return True
 
-    def count_missing(self, url: str, delivered: int, skipped: Counter) -> None:
-        """Records a shard's manifest promises that reading it did not deliver (a shard truncated or
-        missing): counted as records, per shard (`missing_records:<shard>`), where they would
+    def count_missing(self, url: str, part: tuple[int, int], delivered: int, tally: ShardTally,
+                      skipped: Counter) -> None:
+        """Records a shard's manifest (or, without one, its `__shard__` header) promises that reading
+        this part of it did not deliver (a shard truncated, zeroed or missing): counted as records,
+        per shard (`missing_records:<shard>`, the parts' counts adding up), where they would
         otherwise be one bad shard (3 shards cut at 5% trained on 27 of 600 records within a 10%
-        limit). Once per shard and pass: a further read of it loses the same records again."""
-        expected = self.expected.get(url)
-        if expected is None or delivered >= expected or url in self.missing_counted:
+        limit). Once per part and pass: a further read of it loses the same records again."""
+        expected = self.expected.get(url, tally.promised)
+        if expected is None:
+            return  # a foreign tar no manifest lists: nothing to count against
+        promised = len(range(part[0], expected, part[1]))
+        if delivered >= promised or (url, part) in self.missing_counted:
             return
-        self.missing_counted.add(url)
-        skipped[f"{MISSING_RECORDS}:{url}"] += expected - delivered
-        log.warning("%s: %d of the %d records its manifest lists are missing", url, expected - delivered, expected)
+        self.missing_counted.add((url, part))
+        skipped[f"{MISSING_RECORDS}:{url}"] += promised - delivered
+        log.warning("%s: %d of the %d records its %s lists are missing%s", url, promised - delivered, promised,
+                    "manifest" if url in self.expected else f"{SHARD_HEADER} header",
+                    f" (reader {part[0]} of the {part[1]} sharing it)" if part[1] > 1 else "")
 
     def records(self, position: StreamPosition, skipped: Counter, repeat: int = 0,
                 whole_rank: bool = False) -> Iterator[dict]:
         """This worker's records; `repeat` > 0 is a further pass over its shards (quota mode)."""
         if not self.resampled:
-            for url in self.assigned_shards(position, whole_rank):
-                yield from self.shard_records(url, skipped, repeat or None)
+            for url, part in self.assigned_shards(position, whole_rank):
+                yield from self.shard_records(url, skipped, repeat or None, part)
             return
         rng = random.Random(stable_hash("resample", self.seed, self.epoch, *position))
         readable, drawn = list(self.shards), set()
@@ -312,9 +378,7 @@ class ShardStream(IterableDataset):
             url = rng.choice(readable)
             before = self.records_read
             readable_shard = yield from self.shard_records(url, skipped, draw)
-            if not readable_shard or self.records_read == before:
-                if readable_shard:  # a tar with no record: drawing it again gives nothing again
-                    skipped[EMPTY_SHARD] += 1
+            if not readable_shard or self.records_read == before:  # (a tar of no record is counted as empty_shard)
                 readable.remove(url)  # counted once; drawing it again would only count it again
                 drawn.discard(url)
                 if not readable:

@@ -32,16 +32,35 @@ def uneven_shards(tmp_path_factory):
     return out
 
 
-def torchrun_pretrain(cwd, shards, *overrides):
-    """`torchrun --nproc_per_node 2 --no-python polymae pretrain ...`, as the README documents it."""
+def torchrun(cwd, *arguments):
+    """`torchrun --standalone --nproc_per_node 2 --no-python polymae pretrain ...`, as the README documents it."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--no-python", "polymae", "pretrain",
-               "trainer.log_every=2", "data.batch_size=64", "data.num_workers=1", f"data.shards={shards}",
-               "data.source=null", "probe.enabled=false", *SMALL_MODEL, *overrides]
+    command = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", "polymae",
+               "pretrain", *arguments]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def torchrun_pretrain(cwd, shards, *overrides):
+    return torchrun(cwd, "trainer.log_every=2", "data.batch_size=64", "data.num_workers=1", f"data.shards={shards}",
+                    "data.source=null", "probe.enabled=false", *SMALL_MODEL, *overrides)
+
+
+def test_the_default_recipe_runs_on_two_ranks_of_two_workers_from_its_one_built_in_shard(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 --no-python polymae pretrain`: the built-in digits are
+    one train shard, and 2 ranks x 2 workers share it by record index. Before: "1 shards cannot feed
+    2 ranks x 2 workers", exit 1."""
+    result = torchrun(tmp_path, "trainer.max_steps=14")  # the recipe otherwise as shipped (2 workers, probe on)
+    run = tmp_path / "runs" / "digits_mae"
+    manifest = json.loads((tmp_path / "runs" / "data" / "digits" / "train-manifest.json").read_text())
+    assert len(manifest["shards"]) == 1  # the case this test is about: fewer shards than readers
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps_per_rank"] == [14, 14]
+    assert len(set(summary["parameter_digests"])) == 1  # both replicas end with the same parameters
+    assert summary["skipped"] == {}  # nothing lost, nothing counted twice
+    assert "2 rank(s)" in result.stdout and "pretrained" in result.stdout  # trained, then probed on rank 0
 
 
 def test_two_ranks_run_the_same_steps_and_end_identical(tmp_path, uneven_shards):
@@ -70,15 +89,20 @@ def test_fsdp_shards_parameters_and_checkpoints_them_whole(tmp_path, uneven_shar
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in fresh.items()}  # whole, not shards
 
 
-def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(uneven_shards):
+def test_batches_per_rank_come_from_the_manifests_however_few_the_shards(uneven_shards):
+    """Fewer shards than ranks x workers is no error (readers share shards); each rank's batches per
+    epoch are the manifests' records over ranks x batch size. Resampled data needs them given."""
     from polymae.pipelines.shards import resolve_shards
 
     config = load_config(None, [f"data.shards={uneven_shards}", "data.source=null", "data.num_workers=2"])
     shards = resolve_shards(uneven_shards, prefix="train")
-    with pytest.raises(ConfigError, match=f"{len(shards)} shards cannot feed 4 ranks x 2 workers"):
-        batches_per_rank(config, shards, world_size=4)
     records = json.loads((uneven_shards / "train-manifest.json").read_text())["total"]
-    assert batches_per_rank(config, shards, world_size=2) == records // (2 * config.data.batch_size)
+    assert len(shards) < 4 * 2
+    for world_size in (2, 4):
+        assert batches_per_rank(config, shards, world_size) == records // (world_size * config.data.batch_size)
+    resampled = load_config(None, [f"data.shards={uneven_shards}", "data.source=null", "data.resampled=true"])
+    with pytest.raises(ConfigError, match="needs data.batches_per_epoch"):
+        batches_per_rank(resampled, shards, world_size=2)
 
 
 def test_quota_mode_gives_exactly_the_quota_even_when_a_workers_shards_are_missing(digits_shards, tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from polymae.modalities.image import ImageModality
 from polymae.pipelines.shards import resolve_shards, shard_source, write_shards
-from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
+from polymae.pipelines.stream import Loader, ShardStream, StreamPosition, StreamSpec, read_shard
 from polymae.pipelines.transport import BatchRing, BlockView, Packed
 from polymae.shared.errors import BadInput, TrainingError
 from polymae.shared.masking import build_masker
@@ -72,9 +72,9 @@ def bad_samples() -> list[dict]:
 
 
 def tar_keys(path: str | Path) -> list[str]:
-    """Record keys in a shard, as plain `tar tf` lists its members."""
+    """Record keys in a shard, as plain `tar tf` lists its members (less the `__shard__` header)."""
     names = subprocess.run(["tar", "tf", str(path)], check=True, capture_output=True, text=True).stdout.split()
-    return list(dict.fromkeys(name.split(".", 1)[0] for name in names))
+    return list(dict.fromkeys(name.split(".", 1)[0] for name in names if not name.startswith("__")))
 
 
 def read_epoch(stream: ShardStream, num_workers: int) -> dict:
@@ -112,6 +112,10 @@ def test_shards_are_plain_tars_matching_the_manifest(digits):
         path = out / shard["name"]
         assert len(tar_keys(path)) == shard["count"]
         assert path.stat().st_size == shard["bytes"]
+        with tarfile.open(path) as tar:  # self-describing: the first member states the record count
+            first = tar.next()
+            assert first.name == "__shard__"
+            assert json.loads(tar.extractfile(first).read()) == {"records": shard["count"]}
     assert sorted(p.name for p in out.iterdir()) == sorted([s["name"] for s in manifest["shards"]]
                                                            + ["train-manifest.json"])  # no temporary files left
 
@@ -243,7 +247,7 @@ def member_offsets(path: Path) -> list[int]:
 def test_truncated_and_missing_shards_are_counted_and_the_rest_arrive(digits, tmp_path, modality, masker):
     out, manifest = digits
     shards = [tmp_path / shard["name"] for shard in manifest["shards"]]
-    for shard in manifest["shards"]:
+    for shard in manifest["shards"]:  # copied without their manifest: their own headers say what they hold
         shutil.copy(out / shard["name"], tmp_path)
     intact_keys = [key for path in shards[::2] for key in tar_keys(path)]
     cut_in_half, cut_at_a_header = shards[1], shards[3]
@@ -255,10 +259,88 @@ def test_truncated_and_missing_shards_are_counted_and_the_rest_arrive(digits, tm
     all_shards = [str(path) for path in shards] + [str(missing)]
 
     epoch = read_epoch(ShardStream(all_shards, one_stream(modality, masker), batch_size=64, train=True), num_workers=2)
-    assert epoch["skipped"] == Counter({"bad_shard": 2, "missing_shard": 1})
+    arrived = set(epoch["keys"])
+    lost = {f"missing_records:{path}": MAX_COUNT - sum(key in arrived for key in tar_keys(out / path.name))
+            for path in (cut_in_half, cut_at_a_header)}
+    assert all(0 < count < MAX_COUNT for count in lost.values()), lost
+    assert epoch["skipped"] == Counter({"bad_shard": 2, "missing_shard": 1, **lost})
     assert len(epoch["keys"]) == len(set(epoch["keys"]))
     assert set(intact_keys) <= set(epoch["keys"])
     assert len(intact_keys) < len(epoch["keys"]) < NUM_DIGITS  # records before the damage still arrive
+
+
+def test_readers_sharing_a_shard_read_every_record_once(tmp_path, modality, masker, all_keys):
+    """Fewer shards than readers (ranks x workers): reader j of k keeps the records whose index is
+    j modulo k. Before: "1 shards cannot feed 2 ranks" (and a second worker of one rank read nothing)."""
+    one = tmp_path / "one"
+    write_shards(modality.read_source("digits"), one, max_count=NUM_DIGITS)  # the built-in digits: one shard
+    two = tmp_path / "two"
+    write_shards(modality.read_source("digits"), two, max_count=1500)  # 1,500 and 297 records
+    for folder, world_size, workers in [(one, 2, 2), (one, 3, 2), (one, 1, 2), (two, 2, 2), (two, 3, 1)]:
+        stream = ShardStream(resolve_shards(folder), one_stream(modality, masker), batch_size=64)
+        skipped, per_reader = Counter(), []
+        for rank, worker in itertools.product(range(world_size), range(workers)):
+            records = stream.records(StreamPosition(rank, world_size, worker, workers), skipped)
+            per_reader.append([record["__key__"] for record in records])
+        keys = [key for reader in per_reader for key in reader]
+        assert sorted(keys) == sorted(all_keys), (folder.name, world_size, workers)  # each once, none lost
+        assert skipped == Counter()  # an intact shard read in parts is no missing record
+        if folder == one:  # one shard shared k ways: the readers' shares differ by one record at most
+            sizes = [len(reader) for reader in per_reader]
+            assert max(sizes) - min(sizes) <= 1, sizes
+
+    shard = resolve_shards(one)[0]  # the parts, in order, interleave back into the shard's records
+    parts = [[r["__key__"] for r in read_shard(shard, (j, 3))] for j in range(3)]
+    assert [key for row in itertools.zip_longest(*parts) for key in row if key] == tar_keys(shard)
+
+    # the whole pipeline: 2 workers of one process share the one shard and deliver each digit once
+    epoch = read_epoch(ShardStream(resolve_shards(one), one_stream(modality, masker), batch_size=64), num_workers=2)
+    assert sorted(epoch["keys"]) == sorted(all_keys) and epoch["skipped"] == Counter()
+
+
+def test_records_a_shard_alone_loses_at_a_record_boundary_are_counted_from_its_header(tmp_path, modality, masker):
+    """The fuzz run's gap: a shard no manifest lists, its tail zeroed (a clean end of archive to a tar
+    reader) or cut exactly at a record boundary, lost its records without a count. Each shard's
+    `__shard__` header now states its count. A tar with no header stays readable."""
+    write_shards(itertools.islice(modality.read_source("digits"), 40), tmp_path / "written", max_count=40)
+    original = tmp_path / "written" / "train-000000.tar"
+    keys = tar_keys(original)
+    with tarfile.open(original) as tar:
+        members = tar.getmembers()
+    starts = {}  # each record's first member's offset
+    for member in members:
+        starts.setdefault(member.name.split(".", 1)[0], member.offset)
+    damaged = tmp_path / "alone" / "train-000000.tar"  # no manifest beside it
+    damaged.parent.mkdir()
+    stream = ShardStream([str(damaged)], one_stream(modality, masker), batch_size=8)
+    data = original.read_bytes()
+    for index in range(1, len(keys), 3):
+        boundary = starts[keys[index]]
+        # zeroed, the tar ends cleanly after record index - 1; cut, the reader cannot tell that record whole
+        for how, bytes_, arrive in [("zeroed", data[:boundary] + bytes(len(data) - boundary), index),
+                                    ("cut", data[:boundary], index - 1)]:
+            damaged.write_bytes(bytes_)
+            for readers in (1, 2):
+                skipped = Counter()
+                got = [r["__key__"] for j in range(readers)
+                       for r in stream.shard_records(str(damaged), skipped, part=(j, readers))]
+                assert sorted(got) == sorted(keys[:arrive]), (how, index)
+                assert skipped == Counter({"bad_shard": 1, f"missing_records:{damaged}": len(keys) - arrive}), \
+                    (how, index, readers)
+                stream.missing_counted.clear()
+
+    header_offset = members[0].offset_data  # a count that is no longer a number: damage, and every record arrives
+    damaged.write_bytes(data[:header_offset + 12] + b"x" + data[header_offset + 13:])
+    skipped = Counter()
+    assert len(list(stream.shard_records(str(damaged), skipped))) == len(keys) and skipped == {"bad_shard": 1}
+
+    # a tar written before the header (or by another tool): read in full, nothing to count against
+    with tarfile.open(original) as tar, tarfile.open(damaged, "w") as old:
+        for member in tar:
+            if member.name != "__shard__":
+                old.addfile(member, tar.extractfile(member))
+    skipped = Counter()
+    assert [r["__key__"] for r in stream.shard_records(str(damaged), skipped)] == keys and skipped == Counter()
 
 
 def test_resampled_stream_is_endless_and_drops_unreadable_shards(digits, modality, masker, tmp_path):
