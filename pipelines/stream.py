@@ -13,6 +13,10 @@ masks it, with its own ratio or with the stream's share of one visible
 budget drawn per sample (MultiMAE's Dirichlet split). A record one of whose
 streams is bad is skipped as a whole, counted by the kind of that error.
 
+A worker keeps the records of the shards it read whole, decoded, within `cache_bytes`
+(pipelines/record_cache.py), and replays them on later passes: a small dataset is read and
+decoded once, the batches are those of reading it again.
+
 Masking runs here, in the data workers, so the accelerator never waits on it, and
 on a whole batch at once (as I-JEPA masks in its collate function), each record
 still from its own generator.
@@ -76,6 +80,7 @@ from polymae.shared.memory import release_free_memory, reuse_freed_memory
 from polymae.shared.modality import Modality, label_of
 from polymae.shared.tokens import Batch, Mask, Tokens, collate
 
+from .record_cache import DecodedCache
 from .shards import SHARD_HEADER, header_count, shard_counts, stable_hash
 from .transport import BatchRing, RingFeed, WorkerStopped
 
@@ -267,7 +272,7 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0,
                  batches_per_epoch: int | None = None, split_by_rank: bool = True,
                  visible_budget: int | None = None, budget_alpha: float = 1.0,
-                 label_reader: Callable[[dict], Any] = label_of):
+                 label_reader: Callable[[dict], Any] = label_of, cache_bytes: int = 0):
         super().__init__()
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
@@ -290,6 +295,12 @@ class ShardStream(IterableDataset):
         self.expected = shard_counts(self.shards)  # what each shard's manifest says it holds
         self.missing_counted: set[str] = set()
         self.allocate = None  # where batches are stacked: the Loader gives each worker its ring (transport.py)
+        # decoded records each worker keeps for its later passes, within cache_bytes (record_cache.py); only
+        # where every stream's modality promises its tokenizer leaves decoded payloads alone, and no
+        # record is read as several samples (a part's decode may differ from its siblings')
+        cacheable = all(spec.modality.decoded_cacheable and type(spec.modality).samples_per_record is
+                        Modality.samples_per_record for spec in self.streams)
+        self.cache = DecodedCache(cache_bytes if cacheable else 0)
 
     @property
     def epoch(self) -> int:
@@ -324,24 +335,47 @@ class ShardStream(IterableDataset):
         them; returns False, after counting, when the shard is missing or damaged. A shard's own
         failure is counted by its part 0 only (all its readers meet it); each part counts its own
         missing records."""
+        replay = self.cache.replay((url, part), draw)
+        if replay is not None:  # kept whole by this worker's cache (record_cache.py): read before, to its end
+            for sample in replay:
+                self.records_read += 1
+                yield sample
+            return True
         delivered, tally = 0, ShardTally()
+        read = [] if self.cache.enabled else None  # what the cache may keep once the shard is read to its end
+        whole = False
         try:
             for sample in read_shard(url, part, tally):
+                if read is not None:  # collected while the cache could still take the shard so far
+                    read = self.cache.collect(read, sample)
                 if draw is not None:
                     sample["__draw__"] = draw
                 self.records_read += 1
                 delivered += 1
                 yield sample
+            whole = True
         except BadInput as error:
             if part[0] == 0:
                 self.count_skip(error, skipped)
             self.count_missing(url, part, delivered, tally, skipped)
             return False
+        finally:
+            if read and not whole:  # damaged, or the reader left early: nothing to keep
+                self.cache.discard(read)
         # not when the reader leaves early: only a shard read to its end
         self.count_missing(url, part, delivered, tally, skipped)
         if tally.records == 0 and part[0] == 0:  # a tar of no record: nothing to train on and no error to say so
             skipped[EMPTY_SHARD] += 1
+        if read:  # kept only whole: then replaying it is reading it again, counts included
+            promised = self.promised(url, part, tally)
+            self.cache.keep((url, part), read, complete=promised is None or delivered >= promised)
         return True
+
+    def promised(self, url: str, part: tuple[int, int], tally: ShardTally) -> int | None:
+        """How many records reading `part` of the shard must deliver, as its manifest (or, without
+        one, its `__shard__` header) says; None for a foreign tar that says nothing."""
+        expected = self.expected.get(url, tally.promised)
+        return None if expected is None else len(range(part[0], expected, part[1]))
 
     def count_missing(self, url: str, part: tuple[int, int], delivered: int, tally: ShardTally,
                       skipped: Counter) -> None:
@@ -350,10 +384,9 @@ class ShardStream(IterableDataset):
         per shard (`missing_records:<shard>`, the parts' counts adding up), where they would
         otherwise be one bad shard (3 shards cut at 5% trained on 27 of 600 records within a 10%
         limit). Once per part and pass: a further read of it loses the same records again."""
-        expected = self.expected.get(url, tally.promised)
-        if expected is None:
+        promised = self.promised(url, part, tally)
+        if promised is None:
             return  # a foreign tar no manifest lists: nothing to count against
-        promised = len(range(part[0], expected, part[1]))
         if delivered >= promised or (url, part) in self.missing_counted:
             return
         self.missing_counted.add((url, part))
@@ -421,16 +454,27 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict) -> dict:
         """Each stream's `modality.decode`, with a decoding library's own exception on odd bytes
-        (it can raise more than OSError) turned into a BadInput, so one strange file cannot stop a run."""
+        (it can raise more than OSError) turned into a BadInput, so one strange file cannot stop a run.
+        A record the worker's cache holds decodes to what it did the first time, error included."""
+        kept = self.cache.decoded(sample)
+        if isinstance(kept, BadInput):
+            raise kept
+        if kept is not None:
+            return kept
         decoded = {}
-        for spec in self.streams:
-            try:
-                decoded[spec.name] = spec.modality.decode(sample)
-            except BadInput:
-                raise
-            except Exception as error:  # noqa: BLE001
-                raise failed(f"{sample.get('__url__', '?')}:{sample['__key__']}", f"{spec.name} decoder failed",
-                             error, DECODE_ERROR) from None
+        try:
+            for spec in self.streams:
+                try:
+                    decoded[spec.name] = spec.modality.decode(sample)
+                except BadInput:
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    raise failed(f"{sample.get('__url__', '?')}:{sample['__key__']}", f"{spec.name} decoder "
+                                 "failed", error, DECODE_ERROR) from None
+        except BadInput as error:
+            self.cache.store(sample, error)
+            raise
+        self.cache.store(sample, decoded)
         return decoded
 
     def mask_group(self, tokens: list[dict[str, Tokens]], generators: list[torch.Generator]) -> list[dict[str, Mask]]:

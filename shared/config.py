@@ -101,6 +101,9 @@ class DataConfig:
     shuffle_buffer: int = bounded(2000, 0)  # records; 0 or 1: no shuffling
     resampled: bool = False           # infinite stream, shards drawn with replacement
     batches_per_epoch: int | None = bounded(None, 1)  # per rank; under torchrun default: manifest records // (ranks x batch)
+    # decoded records each data worker keeps for the epochs after its first (a small dataset is then read
+    # and decoded once); 0: none. The same batches either way (pipelines/record_cache.py)
+    cache_mb: int = bounded(256, 0, may_change_on_resume=True)
     seed: int = 0
 
 

@@ -78,6 +78,11 @@ class Modality:
     def decode(self, sample: dict) -> Any:
         raise NotImplementedError
 
+    # tokenizing never writes into what `decode` returned, and decoding reads nothing but the record,
+    # so the data stream may keep a record's decoded payloads and tokenize them again in a later
+    # epoch (pipelines/record_cache.py); a modality says so only where its tests show it
+    decoded_cacheable = False
+
     def samples_per_record(self, sample: dict) -> int:
         """How many samples the data stream makes of one record per epoch (a long video: several
         clips). Each is the record with `__part__` = (i, count) and its own seed; default 1."""

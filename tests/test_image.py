@@ -468,3 +468,24 @@ def test_builtin_sources_are_listed():
 
 def test_encode_png_round_trips(camera):
     assert torch.equal(decode_image(encode_png(camera), "camera", 1), chw(camera))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 6), (12, 12)])
+def test_tokenizing_never_writes_into_the_decoded_pixels(size):
+    """`decoded_cacheable`: the data stream keeps decoded digits and tokenizes them again each
+    epoch (pipelines/record_cache.py), so no augmentation may write into them: after 40
+    training tokenizations with crop, flip, RandAugment and erasing (at the default's own size,
+    and resized down and up), the pixels are unchanged and every draw gives what a fresh decode
+    of the same record gives."""
+    assert ImageModality.decoded_cacheable
+    samples = [s for _, s in zip(range(4), read_source("digits"))]
+    modality = ImageModality({"image_size": list(size), "patch_size": 2, "channels": 1, "crop_scale": [0.5, 1.0]})
+    modality = modality.with_augmentations({"randaug_n": 2, "randaug_m": 9, "erase_prob": 1.0})
+    for sample in samples:
+        kept = modality.decode(sample)
+        before = kept.clone()
+        for seed in range(40):
+            again = modality.tokenize(kept, torch.Generator().manual_seed(seed), train=True)
+            fresh = modality.tokenize(modality.decode(sample), torch.Generator().manual_seed(seed), train=True)
+            assert torch.equal(again.values, fresh.values)
+        assert torch.equal(kept, before)

@@ -79,6 +79,7 @@ class TextModality(Modality):
     payload_keys = ("txt", "text", "caption.txt")
     Options = TextOptions
     default_masker = "bert"
+    decoded_cacheable = True  # a decoded record is a str
     default_objective = {"mlm": {"term": "cross_entropy", "weight": 1.0}}
     default_decoder = "vocab"
 
