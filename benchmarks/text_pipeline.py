@@ -114,10 +114,12 @@ def tokenize_only_here(shards: list[str], tokenizer) -> float:
 
 
 def pipeline_stream(modality, shards: list[str], batch: int):
+    """Without the decoded-record cache: every epoch reads and decodes the texts again, as a corpus
+    too large to cache is read (pretrain's workers would keep the fortunes and skip both)."""
     from polymae.pipelines.stream import ShardStream, StreamSpec
 
     return ShardStream(shards, [StreamSpec("text", modality, modality.masker("bert", 0.15, {}))], batch_size=batch,
-                       train=True, shuffle_buffer=1000, seed=0)
+                       train=True, shuffle_buffer=1000, seed=0, cache_bytes=0)
 
 
 def pipeline_pass(loader) -> tuple[float, int, int]:
