@@ -75,6 +75,7 @@ def train_in_run_folder(config: Config, context: distributed.DistributedContext,
                          shuffle_buffer=data.shuffle_buffer, seed=data.seed, resampled=data.resampled,
                          batches_per_epoch=batches_per_rank(config, train_shards, context.world_size),
                          visible_budget=config.budget.visible, budget_alpha=config.budget.alpha,
+                         budget_sample_streams=config.budget.sample_streams,
                          cache_bytes=data.cache_mb * 2 ** 20)
 
     loader = Loader(stream, data.num_workers, device=context.device)

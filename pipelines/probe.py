@@ -151,7 +151,8 @@ def heldout_losses(parts: RunParts, train_shards: list[str], val_shards: list[st
 
     def batches(shards):
         stream = ShardStream(shards, parts.streams, batch_size=data.batch_size, train=False, seed=data.seed,
-                             split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha)
+                             split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha,
+                             budget_sample_streams=budget.sample_streams)
         for n, batch in enumerate(Loader(stream, data.num_workers, device=device)):
             if n >= max_batches:
                 return

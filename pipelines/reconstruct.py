@@ -15,7 +15,8 @@ def reconstruct(run_or_checkpoint: str | Path, out: str | Path, rows: int = 8, s
     train_shards, val_shards = split_shards(parts.config, parts.modalities)
     budget = parts.config.budget
     stream = ShardStream(val_shards or train_shards, parts.streams, batch_size=rows, train=False, seed=seed,
-                         split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha)
+                         split_by_rank=False, visible_budget=budget.visible, budget_alpha=budget.alpha,
+                         budget_sample_streams=budget.sample_streams)
     batch = next(b for b in Loader(stream, 0) if len(b))
     parts.model.eval()
     outputs = parts.model(batch)

@@ -271,7 +271,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], streams: list[StreamSpec], batch_size: int, train: bool = True,
                  shuffle_buffer: int = 1000, seed: int = 0, resampled: bool = False, epoch: int = 0,
                  batches_per_epoch: int | None = None, split_by_rank: bool = True,
-                 visible_budget: int | None = None, budget_alpha: float = 1.0,
+                 visible_budget: int | None = None, budget_alpha: float = 1.0, budget_sample_streams: bool = False,
                  label_reader: Callable[[dict], Any] = label_of, cache_bytes: int = 0):
         super().__init__()
         if not shards:
@@ -283,6 +283,7 @@ class ShardStream(IterableDataset):
         self.shards = [str(shard) for shard in shards]
         self.streams, self.batch_size = list(streams), batch_size
         self.visible_budget, self.budget_alpha = visible_budget, budget_alpha
+        self.budget_sample_streams = budget_sample_streams  # MultiMAE's random subset of streams shown
         self.label_reader = label_reader  # a record -> its label (Batch.labels): its `cls` class by default
         self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
         self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
@@ -487,7 +488,7 @@ class ShardStream(IterableDataset):
             for record, generator in zip(tokens, generators):
                 real = [record[spec.name].num_real for spec in self.streams]
                 hidden.append(split_visible_budget(real, min(self.visible_budget, sum(real)), self.budget_alpha,
-                                                   generator))
+                                                   generator, self.budget_sample_streams))
             counts = {spec.name: [h[s] for h in hidden] for s, spec in enumerate(self.streams)}
         masks: list[dict[str, Mask]] = [{} for _ in tokens]
         for spec in self.streams:

@@ -130,6 +130,7 @@ class BudgetConfig:
     the streams by a Dirichlet(alpha) draw (each stream's mask.ratio is then unused)."""
     visible: int | None = bounded(None, 1)
     alpha: float = bounded(1.0, 0.0, low_open=True)
+    sample_streams: bool = False  # MultiMAE's sample_tasks_uniformly: a random non-empty subset of streams shown
 
 
 

@@ -222,20 +222,33 @@ def build_masker(name: str, ratio: float, **options) -> Masker:
 
 
 def split_visible_budget(real_tokens: list[int], visible: int, alpha: float,
-                         generator: torch.Generator) -> list[int]:
+                         generator: torch.Generator, sample_streams: bool = False) -> list[int]:
     """MultiMAE's shared token budget: `visible` encoder tokens split across streams by a
     Dirichlet(alpha) draw per sample -> how many tokens each stream hides.
 
     Shares are rounded by largest remainder so the visible counts add up to exactly
     `visible`; a stream cannot show more tokens than it has (nor fewer than none), and
     what it cannot take goes to the others in proportion. alpha=1 is MultiMAE's default
-    (every split equally likely); large alpha tends to an even split."""
+    (every split equally likely); large alpha tends to an even split.
+
+    `sample_streams` (MultiMAE's uniform sampling of the tasks present): first a uniformly
+    random non-empty subset of the streams that have tokens is drawn; the others show
+    nothing (every token hidden: a target reconstructed from the rest) and the budget is
+    split over the chosen ones, all of it when they hold that many tokens, else all they hold."""
     total = sum(real_tokens)
     if not 0 < visible <= total:
         raise ValueError(f"a visible budget of {visible} tokens does not fit samples of {total} real tokens")
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    shares = np.random.default_rng(seed).dirichlet([alpha] * len(real_tokens))
-    capacity = np.asarray(real_tokens, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    present = np.ones(len(real_tokens), dtype=bool)
+    if sample_streams:
+        candidates = [i for i, n in enumerate(real_tokens) if n > 0]
+        choice = int(rng.integers(1, 2 ** len(candidates)))  # a non-empty subset, each equally likely
+        present[:] = False
+        present[[c for bit, c in enumerate(candidates) if choice >> bit & 1]] = True
+        visible = min(visible, int(np.asarray(real_tokens)[present].sum()))
+    shares = rng.dirichlet([alpha] * len(real_tokens)) * present
+    capacity = np.where(present, np.asarray(real_tokens, dtype=np.float64), 0.0)
     counts = np.zeros(len(real_tokens), dtype=np.int64)
     left = visible
     while left > 0:  # pour the budget by share; full streams drop out and the rest share what is left

@@ -4,6 +4,8 @@ shared Dirichlet budget, a decode subset), edges batched by offsets, and a modal
 added as one folder plus one entry-point line, trained without installing anything."""
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 import subprocess
@@ -93,6 +95,27 @@ def test_the_dirichlet_budget_is_exact_and_spread_as_alpha_says(alpha):
         split_visible_budget([3, 2], 6, 1.0, torch.Generator())
 
 
+def test_sampling_which_streams_are_shown_draws_every_subset_alike():
+    """MultiMAE's sample_tasks_uniformly: each non-empty subset of the streams with tokens is shown
+    about as often (7 of 3 streams), the others show nothing, and the budget stays exact where the
+    chosen streams hold it (all they hold where they do not)."""
+    sizes = [196, 32, 16]
+    subsets = Counter()
+    for seed in range(2800):
+        hide = split_visible_budget(sizes, 60, 1.0, torch.Generator().manual_seed(seed), sample_streams=True)
+        shown = [n - h for n, h in zip(sizes, hide)]
+        chosen = tuple(i for i, s in enumerate(shown) if s > 0)
+        capacity = sum(sizes[i] for i in chosen)
+        assert sum(shown) == min(60, capacity) and all(0 <= s <= n for s, n in zip(shown, sizes))
+        subsets[chosen] += 1
+    assert len(subsets) == 7 and min(subsets.values()) > 0.8 * 400 and max(subsets.values()) < 1.2 * 400, subsets
+    hide = split_visible_budget([0, 20, 20], 10, 1.0, torch.Generator().manual_seed(1), sample_streams=True)
+    assert hide[0] == 0 and sum(20 - h for h in hide[1:]) == 10   # a stream with no tokens is never the one shown
+    # without it, the split is what it always was: the same numbers from the same generator
+    assert split_visible_budget(sizes, 60, 1.0, torch.Generator().manual_seed(5)) == \
+        split_visible_budget(sizes, 60, 1.0, torch.Generator().manual_seed(5), sample_streams=False)
+
+
 def test_the_shared_budget_reaches_the_batch_through_the_stream(tmp_path):
     from polymae.pipelines.shards import write_shards
     from polymae.pipelines.stream import Loader, ShardStream, StreamSpec
@@ -114,6 +137,14 @@ def test_the_shared_budget_reaches_the_batch_through_the_stream(tmp_path):
     assert visible.tolist() == [10] * 16                        # 10 visible tokens per sample, split two ways
     left = (~batch.stream_mask("left")[0]).sum(1)
     assert len(set(left.tolist())) > 3                           # the split differs from sample to sample
+    stream = ShardStream([str(p) for p in tmp_path.glob("train-*.tar")], specs, batch_size=64, train=False,
+                         visible_budget=10, budget_alpha=1.0, budget_sample_streams=True)
+    batch = next(iter(Loader(stream, 0)))
+    assert (~batch.mask.hidden).sum(1).tolist() == [10] * 64
+    shown = torch.stack([(~batch.stream_mask(name)[0]).sum(1) for name in ("left", "right")], 1)
+    alone = (shown == 0).any(1)
+    assert 0.15 < float(alone.float().mean()) < 0.9                 # 2 of the 3 subsets show one stream only
+    assert (shown[alone].max(1).values == 10).all()                 # which then shows the whole budget
 
 
 def test_a_decode_subset_limits_the_targets():
