@@ -10,13 +10,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from polymae.shared import distributed
+from polymae.shared.checkpoint import intact_checkpoint_kept
 from polymae.shared.config import Config, dump_config
 from polymae.shared.errors import ConfigError, writing
 from polymae.shared.trainer import Trainer
 
 from .probe import format_heldout, format_probe, heldout_losses, probe
-from .runs import (CONFIG_FILE, RunLock, build_parts, check_resume, draw_streams, load_run, run_folder,
-                   prepare_modalities, record_changes, split_shards, stream_modalities)
+from .runs import (CHANGES_FILE, CONFIG_FILE, LOCK_FILE, RunLock, build_parts, check_resume, draw_streams, load_run,
+                   prepare_modalities, record_changes, run_folder, split_shards, stream_modalities)
 from .shards import manifest_counts
 from .stream import Loader, ShardStream
 
@@ -54,7 +55,8 @@ def run(config: Config, context: distributed.DistributedContext, resume: Path | 
     on a live run is refused at once), and from the moment it claims a new one, to the end."""
     with ExitStack() as held:
         if resume and context.is_main:
-            held.enter_context(RunLock(Path(resume)))
+            with writing(Path(resume) / LOCK_FILE, lambda: intact_checkpoint_kept(Path(resume))):
+                held.enter_context(RunLock(Path(resume)))
         changes = check_resume(Path(resume), config) if resume else {}  # before any work: refused at once
         return train_in_run_folder(config, context, resume, held, changes)
 
@@ -92,7 +94,8 @@ def train_in_run_folder(config: Config, context: distributed.DistributedContext,
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there to resume from")
     if context.is_main:
         if resume:
-            record_changes(run_dir, trainer.step, changes)
+            with writing(run_dir / CHANGES_FILE, lambda: intact_checkpoint_kept(run_dir)):
+                record_changes(run_dir, trainer.step, changes)
         else:
             with writing(run_dir / CONFIG_FILE):
                 (run_dir / CONFIG_FILE).write_text(dump_config(config))

@@ -17,7 +17,7 @@ import polymae.modalities  # noqa: F401  (registers the modalities)
 from polymae.shared import distributed
 from polymae.shared.checkpoint import load_weights, process_is_running, resolve_checkpoint
 from polymae.shared.config import Config, build, load_config, merge, read_recipe, resume_changes
-from polymae.shared.errors import ConfigError, RunFolderInUse
+from polymae.shared.errors import ConfigError, RunFolderInUse, writing
 from polymae.shared.masking import Masker
 from polymae.shared.model import build_model
 from polymae.shared.objectives import LossTerms, Pretraining, layers_read
@@ -57,10 +57,15 @@ class RunLock:
         if previous is not None and previous != os.getpid():
             state = "still running, but not holding the lock" if process_is_running(previous) else "no longer running"
             self.log(f"taking over the stale lock of {self.path.parent} left by process {previous} ({state})")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except BaseException:  # a full disk: no lock held past the error
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            raise
         self.handle = handle
         return self
 
@@ -111,7 +116,8 @@ def run_folder(config: Config, context, resume: Path | None, held) -> Path:
     claimed = None
     if context.is_main:
         claimed = claim_new_run_dir(config.out_dir, config.name)
-        held.enter_context(RunLock(claimed))
+        with writing(claimed / LOCK_FILE):
+            held.enter_context(RunLock(claimed))
     return Path(distributed.all_gather_objects(str(claimed))[0])
 
 

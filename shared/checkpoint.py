@@ -121,6 +121,12 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+def intact_checkpoint_kept(run_dir: Path) -> str:
+    """What a write that found the disk full leaves a run (the DiskFull message's second half)."""
+    return (f"the last intact checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is kept; free space "
+            "and continue with --resume")
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict, config_text: str,
                     keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
@@ -130,11 +136,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     tmp = root / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        def kept() -> str:
-            return (f"the last intact checkpoint ({latest_checkpoint(run_dir) or 'none yet'}) is kept; free space "
-                    "and continue with --resume")
-
-        with writing(f"checkpoint {final}", kept):
+        with writing(f"checkpoint {final}", lambda: intact_checkpoint_kept(run_dir)):
             write_checkpoint_files(tmp, weights, state, config_text, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder only takes the space the next one needs

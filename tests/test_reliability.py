@@ -662,6 +662,65 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_it_and_the_intact_one_is
     assert checkpoint_damage(run / "checkpoints" / "step-000006") is None
 
 
+@pytest.mark.parametrize("full_at", ["lock", "changes", "metrics", "checkpoint"])
+def test_a_resume_on_a_full_disk_is_one_line_naming_the_file_and_keeps_the_intact_checkpoint(
+        finished_run, tmp_path, capsys, monkeypatch, full_at):
+    """A resumed run's writes, in their order: its folder's lock (the holder's pid), the change log (a
+    longer max_steps is recorded), the metrics, the first new checkpoint. Each one finding the disk full
+    is one line naming it and the intact checkpoint kept, exit 2, the lock released: with room again,
+    the same resume goes on from that checkpoint. Before: the lock's and the change log's ENOSPC were
+    OSError tracebacks (exit 1)."""
+    import builtins
+
+    from polymae.pipelines.cli import main
+    from polymae.pipelines.runs import CHANGES_FILE
+    from polymae.shared import checkpoint
+
+    run = copy_run(finished_run, tmp_path)
+    target = {"lock": run / LOCK_FILE, "changes": run / CHANGES_FILE, "metrics": run / "metrics.jsonl",
+              "checkpoint": run / "checkpoints" / "step-000008"}[full_at]
+    real_open = builtins.open
+
+    class FullFile:  # opens (the file exists, or its directory entry fits), but no byte more fits
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            no_space()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        writes = any(flag in mode for flag in "wax+")
+        return FullFile(handle) if writes and isinstance(file, (str, Path)) and Path(file) == target else handle
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    if full_at == "checkpoint":
+        monkeypatch.setattr(checkpoint, "save_file", no_space)
+    command = ["pretrain", "--resume", str(run), "trainer.max_steps=8"]
+    code = main(command)
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("polymae pretrain: error:")]
+    assert "no space left on device writing" in line and str(target) in line, line
+    assert str(run / "checkpoints" / "step-000006") in line, line  # says what is kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert checkpoint_damage(run / "checkpoints" / "step-000006") is None
+
+    assert main(command) == 0  # room again: not locked out, and it resumes from the intact checkpoint
+    assert f"resumed from {run / 'checkpoints' / 'step-000006'} at step 6" in "".join(capsys.readouterr())
+    assert checkpoint_damage(run / "checkpoints" / "step-000008") is None
+
+
 def test_a_full_disk_at_the_metrics_or_the_shards_is_one_line_naming_the_file(digits_shards, tmp_path, capsys,
                                                                               monkeypatch, digit_pngs):
     from polymae.pipelines import shards as shards_module
