@@ -241,12 +241,18 @@ class StreamContrastive(Objective):
     holds the term, so they are optimised and checkpointed with the model.
 
     `codes`: "latent", the encoder's output, or "unimodal", the codes of a model with an
-    encoder per stream before it fuses them (CROMA aligns those: Outputs.unimodal)."""
+    encoder per stream before it fuses them (CROMA aligns those: Outputs.unimodal).
+
+    `shared_head`: one projection head for both streams, for two views of one stream (two
+    streams reading the same payload with the same options, as SimCLR's two augmentations
+    share one head); by default each stream has its own. Streams meant to be told apart only
+    by this term should not attend each other (`model.streams_attend: apart`): in one joint
+    sequence the pair could be matched through attention alone."""
 
     reads_model = True
 
     def __init__(self, stream: str, model: nn.Module, other: str, dim: int = 128, temperature: float = 0.07,
-                 codes: str = "latent"):
+                 codes: str = "latent", shared_head: bool = False):
         super().__init__(stream)
         if other not in model.streams or other == stream:
             raise ConfigError(f"objective contrastive: other={other!r} must name another stream of {model.streams}")
@@ -257,7 +263,8 @@ class StreamContrastive(Objective):
                               "croma); this model has one encoder for all streams")
         width = model.config.width
         self.other, self.prefix, self.codes = other, model.num_prefix, codes
-        self.project = nn.ModuleDict({stream: nn.Linear(width, dim), other: nn.Linear(width, dim)})
+        head = nn.Linear(width, dim)
+        self.project = nn.ModuleDict({stream: head, other: head if shared_head else nn.Linear(width, dim)})
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
     def pooled(self, outputs: Outputs, batch: Batch, stream: str) -> Tensor:
