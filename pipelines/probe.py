@@ -180,7 +180,8 @@ def heldout_losses(parts: RunParts, train_shards: list[str], val_shards: list[st
             unigram = -(log_p[ids.flatten().cpu()] * weights.flatten().cpu()).sum()
             sums[f"{name}/unigram"] = sums.get(f"{name}/unigram", 0.0) + float(unigram)
             weights_seen[name] = weights_seen.get(name, 0.0) + float(weights.sum())
-    results = {name: {"model": value / max(count, 1)} for name, value in sums.items() if "/" not in name}
+    # each term's loss, and what a term measures beside it (a contrastive term's retrieval accuracy)
+    results = {name: {"model": value / max(count, 1)} for name, value in sums.items() if not name.endswith("/unigram")}
     for name, term in scoring.items():  # a term summing several cross-entropies (Starbucks) sums the baseline too
         results[name]["unigram"] = getattr(term, "summands", 1) * sums[f"{name}/unigram"] / max(weights_seen[name], 1.0)
     return results

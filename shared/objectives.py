@@ -38,13 +38,16 @@ class Objective(nn.Module):
 
     A term that reads the model's own parts (a head's weights, chosen encoder layers) sets
     `reads_model = True` and is built with `model=`; `layers(options)` names the encoder
-    layers whose hidden states it needs in Outputs (the model taps them)."""
+    layers whose hidden states it needs in Outputs (the model taps them). A term may also
+    measure something beside its loss in `forward` (a contrastive term's retrieval accuracy),
+    left in `measured`: logged with the losses, never optimised."""
 
     reads_model = False
 
     def __init__(self, stream: str):
         super().__init__()
         self.stream = stream
+        self.measured: dict[str, Tensor] = {}
 
     @staticmethod
     def layers(options: dict) -> tuple[int, ...]:
@@ -197,10 +200,12 @@ class LossTerms(nn.Module):
                 raise ConfigError(f"objective.{name}: {error}") from None
 
     def forward(self, outputs: Outputs, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted sum, {term: its loss, "term/measure": what a term measured beside it})."""
         total, parts = None, {}
         for name, term in self.terms.items():
             value = term(outputs, batch)
             parts[name] = value.detach()
+            parts.update({f"{name}/{key}": measure.detach() for key, measure in term.measured.items()})
             weighted = self.weights[name] * value
             total = weighted if total is None else total + weighted
         return total, parts
@@ -289,10 +294,14 @@ class StreamContrastive(Objective):
     def forward(self, outputs, batch):
         logits = self.logits(outputs, batch)
         targets = torch.arange(len(logits), device=logits.device)
+        self.measured = {"retrieval_accuracy": self.top1(logits.detach())}
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-    def retrieval_accuracy(self, outputs: Outputs, batch: Batch) -> float:
+    @staticmethod
+    def top1(logits: Tensor) -> Tensor:
         """Top-1 retrieval of the paired stream within the batch, both ways averaged (chance: 1/B)."""
-        logits = self.logits(outputs, batch)
         targets = torch.arange(len(logits), device=logits.device)
-        return float(((logits.argmax(1) == targets).float().mean() + (logits.argmax(0) == targets).float().mean()) / 2)
+        return ((logits.argmax(1) == targets).float().mean() + (logits.argmax(0) == targets).float().mean()) / 2
+
+    def retrieval_accuracy(self, outputs: Outputs, batch: Batch) -> float:
+        return float(self.top1(self.logits(outputs, batch)))

@@ -362,13 +362,14 @@ class Trainer:
             return
         record = {"step": self.step, "loss": self.last_loss, "lr": self.lr, "samples_per_s": rate.item(),
                   "epoch": self.epoch, "elapsed_s": now - self.started,
-                  **{f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
+                  # a term's loss as loss/<term>; what a term measures beside it as <term>/<measure>
+                  **{k if "/" in k else f"loss/{k}": v.item() for k, v in zip(parts, reduced[1:])},
                   "skipped": sum(self.skipped.values())}
         with writing(self.run_dir / "metrics.jsonl",
                      lambda: f"the last intact checkpoint is {latest_checkpoint(self.run_dir)}"):
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-        for key in ("loss", "lr", "samples_per_s"):
+        for key in ("loss", "lr", "samples_per_s", *(k for k in parts if "/" in k)):
             self.writer.add_scalar(f"train/{key}", record[key], self.step)
         self.bar.set_postfix(loss=f"{self.last_loss:.4f}", samples_s=f"{rate.item():.0f}", lr=f"{self.lr:.2e}")
 
