@@ -25,7 +25,7 @@ from polymae.pipelines.runs import build_parts, split_shards, stream_modalities
 from polymae.pipelines.shards import resolve_shards, samples_recording_errors, shard_source
 from polymae.pipelines.stream import ShardStream, read_shard
 from polymae.shared.config import load_config
-from polymae.shared.errors import BadInput
+from polymae.shared.errors import BadInput, ConfigError
 from polymae.shared.packaged_data import PackagedDataError
 
 
@@ -286,6 +286,8 @@ def test_a_damaged_mask_is_bad_input_naming_the_record(landuse_masks):
     other = dict(records[0], **{"mask.png": adapters.mask_png(np.ones((16, 16), np.uint8))})
     with pytest.raises(BadInput, match="16 x 16 px mask for a 32 x 32 px chip"):
         RemoteSensingModality({}).pixel_labels(other)
+    with pytest.raises(ConfigError, match="needs label"):
+        RemoteSensingModality({"label_mask": True})
 
 
 # -- CROMA on Landsat 8 + Landsat 7 -------------------------------------------------------------------------

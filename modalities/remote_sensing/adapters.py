@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import numpy as np
 import rasterio
 from PIL import Image
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.features import rasterize
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
@@ -215,7 +216,8 @@ def majority_label(labels: np.ndarray, classes: int, min_share: float) -> tuple[
 def chip_tiff(chip: np.ndarray, names: tuple[str, ...], crs, transform: Affine) -> bytes:
     """A chip [C, h, w] as float32 GeoTIFF bytes (deflate, NaN nodata, band names as descriptions)."""
     c, h, w = chip.shape
-    with MemoryFile() as memory:
+    with MemoryFile() as memory, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a chip on a bare pixel grid has no CRS: no news
         georeferenced = {"crs": crs, "transform": transform} if crs is not None else {}  # a bare pixel grid
         with memory.open(driver="GTiff", width=w, height=h, count=c, dtype="float32", nodata=float("nan"),
                          compress="deflate", predictor=3, **georeferenced) as out:
@@ -277,9 +279,11 @@ def scene_records(scene: Scene, reading: Reading, layer: Path | None) -> Iterato
 def read_chip(data: bytes, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """A record's GeoTIFF -> (float32 [C, h, w] with NaN at nodata, band names)."""
     try:
-        with MemoryFile(data) as memory, memory.open() as raster:
-            names = tuple(d or f"band{i + 1}" for i, d in enumerate(raster.descriptions))
-            return masked_float(raster.read(masked=True)), names
+        with MemoryFile(data) as memory, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with memory.open() as raster:
+                names = tuple(d or f"band{i + 1}" for i, d in enumerate(raster.descriptions))
+                return masked_float(raster.read(masked=True)), names
     except RasterioIOError as error:
         raise BadInput(source, f"not a raster rasterio reads ({str(error).splitlines()[0]})", "corrupt_raster") from None
 

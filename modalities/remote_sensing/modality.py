@@ -79,6 +79,9 @@ class RemoteSensingOptions:
             raise ConfigError(f"min_label_share must be in (0, 1]; got {self.min_label_share}")
         if self.multilabel_share is not None and not 0 < self.multilabel_share <= 1:
             raise ConfigError(f"multilabel_share must be in (0, 1]; got {self.multilabel_share}")
+        if self.label_mask and self.label is None:
+            raise ConfigError("label_mask writes each chip's classes per pixel, so it needs label (landuse, "
+                              "cloud for s2cloudless, or a GeoPackage path)")
 
 
 class BandStatistics(ShardStatistics):
