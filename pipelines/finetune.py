@@ -588,7 +588,8 @@ def run(config: Config, ft: FinetuneConfig, context, resume: Path | None, held: 
     augmented = [spec._replace(modality=spec.modality.with_augmentations(ft.augment)) for spec in streams]
     stream = ShardStream(train_shards, augmented, batch_size=batch_size, train=True, shuffle_buffer=data.shuffle_buffer,
                          seed=ft.seed, resampled=data.resampled, label_reader=label_reader,  # equal steps per rank:
-                         batches_per_epoch=batches_per_rank(eval_parts.config, train_shards, context.world_size))
+                         batches_per_epoch=batches_per_rank(eval_parts.config, train_shards, context.world_size),
+                         cache_bytes=data.cache_mb * 2 ** 20)
     loader = Loader(stream, data.num_workers, device=context.device)
 
     def batches(epoch: int, start: int):
