@@ -53,7 +53,7 @@ class DecodedCache:
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
         self.shards: dict[tuple, list[dict]] = {}
-        self.enabled = budget > 0
+        self.enabled = budget > 0  # the stream collects (and so gives slots) only when it is
         self.pending = 0  # bytes of the shard being collected
 
     def replay(self, key: tuple, draw: int | None) -> Iterator[dict] | None:
@@ -70,7 +70,7 @@ class DecodedCache:
         slot; None (stop collecting) once the shard's records alone would overrun the budget, so
         a shard too large to keep is never held in memory."""
         self.pending = (self.pending if read else 0) + sum(payload_nbytes(v) for v in sample.values())
-        if not self.enabled or self.used + self.pending > self.budget:
+        if self.used + self.pending > self.budget:
             self.discard(read)
             return None
         sample[SLOT] = [None, 0]  # decoded payloads (or error), their bytes
@@ -91,8 +91,7 @@ class DecodedCache:
         are discarded. Kept as copies without the read's draw mark: the records themselves may
         still wait in the shuffle buffer."""
         size = sum(payload_nbytes(v) for r in records for k, v in r.items() if k != SLOT)
-        if (not self.enabled or not complete or len({r["__key__"] for r in records}) != len(records)
-                or not all(SLOT in r for r in records) or not self.reserve(size)):
+        if not complete or len({r["__key__"] for r in records}) != len(records) or not self.reserve(size):
             self.discard(records)
             return
         self.shards[key] = [{k: v for k, v in r.items() if k != "__draw__"} for r in records]
@@ -112,7 +111,7 @@ class DecodedCache:
 
     def store(self, sample: dict, result: Any) -> None:
         slot = sample.get(SLOT)
-        if slot is None or not self.enabled or slot[0] is not None:
+        if slot is None or slot[0] is not None:
             return
         size = payload_nbytes(result)
         if self.reserve(size):

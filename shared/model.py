@@ -356,8 +356,9 @@ class TransformerDecoder(nn.Module):
 
     def decoded_subset(self, latent: Tensor, prefix: int, batch: Batch, stream: str) -> Tensor:
         """The prediction [B, N_s, d_out] under a decode subset (`Mask.decode`), read from only
-        the tokens that subset leaves: every stream's encoder inputs and decoded places (VideoMAE
-        V2's decoder masking), so the blocks' cost falls with the decoded share. Hidden tokens
+        the tokens that subset leaves: every stream's encoder inputs and decoded places (a
+        decoder that rebuilds a share of the hidden tokens), so the blocks' cost falls with the
+        decoded share. Hidden tokens
         not decoded are dropped from the sequence, the kept ones gathered to the front of each
         row (rows with fewer padded, the padding out of attention); the head runs on the
         stream's decoded tokens only. Zeros everywhere else (the loss weighs only hidden and
